@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Create (or update) the virtual environment and install megasleep with its test extras.
+#
+# Why two pip steps: mamba-ssm and causal-conv1d have a setup.py that imports torch, so torch must be
+# installed first and the rest with --no-build-isolation (an isolated build env would pull a
+# multi-GB CUDA torch). On a machine without CUDA we install torch==2.13.0 (a CPU wheel) and the
+# kernel packages without their CUDA extensions: their pure-PyTorch references serve as test oracles
+# and megasleep runs on its own torch paths. With CUDA present the kernels are built for real.
+set -euo pipefail
+VENV=${1:-.venv}
+PYTHON=${PYTHON:-python3}
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+PIP=("$VENV/bin/python" -m pip install --disable-pip-version-check -q)
+
+if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+  echo "[install] CUDA found: building kernel packages with their CUDA extensions"
+  "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" "torch>=2.4"
+  "${PIP[@]}" --no-build-isolation mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0
+else
+  echo "[install] no CUDA: CPU torch 2.13.0, kernel packages without CUDA builds (pure-PyTorch references only)"
+  "${PIP[@]}" torch==2.13.0
+  MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
+  CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
+    "${PIP[@]}" --no-build-isolation --no-deps mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0
+fi
+"${PIP[@]}" --no-build-isolation -e ".[test]"
+echo "[install] done: $("$VENV/bin/python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available())')"

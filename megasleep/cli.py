@@ -1,0 +1,65 @@
+"""`megasleep` command line. Start-up stays fast: every subcommand imports its package lazily.
+
+Each subcommand lives in the package that owns it, as a module exposing ``add_arguments(parser)`` and
+``main(args) -> int``; this file only lists them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+# name -> (module, help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "model-info": ("megasleep.models.info", "parameter count and shape summary of a model config"),
+    "demo": ("megasleep.demo", "the main job: small sleeping-model pretraining + evaluation on CPU"),
+    "train": ("megasleep.train.cli", "train with DeepSpeed from an experiment YAML"),
+    "generate": ("megasleep.inference.cli", "stream tokens from a checkpoint with wake/sleep decoding"),
+    "eval": ("megasleep.eval.cli", "evaluate a checkpoint at several sleep depths"),
+    "export": ("megasleep.eval.export_cli", "DeepSpeed checkpoint -> HF-style directory"),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    parser = argparse.ArgumentParser(prog="megasleep", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    modules: dict[str, object] = {}
+    wanted = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == wanted:  # only the chosen command pays for its imports
+            try:
+                mod = importlib.import_module(module)
+            except ModuleNotFoundError as exc:
+                if exc.name and exc.name.startswith("megasleep"):
+                    p.set_defaults(_missing=f"`megasleep {name}` is not available in this build ({exc.name})")
+                    continue
+                raise
+            mod.add_arguments(p)
+            modules[name] = mod
+    return parser, modules
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is not None:
+        sys.argv = [sys.argv[0], *argv]
+    parser, modules = build_parser()
+    args = parser.parse_args()
+    if args.command is None:
+        parser.print_help()
+        return 0
+    if getattr(args, "_missing", None):
+        print(args._missing, file=sys.stderr)
+        return 2
+    from megasleep.config import ConfigError
+
+    try:
+        return int(modules[args.command].main(args) or 0)
+    except (ConfigError, FileNotFoundError, ValueError) as exc:
+        print(f"megasleep {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""Causal softmax attention with RoPE and grouped-query heads, restricted to the current window.
+
+Keys are cached after RoPE at their absolute positions; since RoPE scores depend only on the
+distance between query and key, this equals "positions counted inside the window" for hard eviction
+and gives the right distances across the window boundary for sliding eviction (SPEC §2-3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from megasleep.models.cache import LayerCache, MixContext
+from megasleep.models.config import ModelConfig
+
+
+def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+    """x [B, H, T, Dh] rotated by ``positions`` [T] (half-split convention, as in Llama / FLA)."""
+    half = x.shape[-1] // 2
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / (theta ** (torch.arange(0, half, device=x.device, dtype=dtype) / half))
+    ang = positions.to(dtype)[:, None] * inv_freq[None, :]
+    cos, sin = ang.cos(), ang.sin()
+    x1, x2 = x[..., :half].to(dtype), x[..., half:].to(dtype)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        a = cfg.attn
+        self.n_heads, self.n_kv_heads = a.n_heads, a.n_kv_heads or a.n_heads
+        self.head_dim, self.theta = cfg.attn_head_dim, a.rope_theta
+        d = cfg.d_model
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+
+    def init_cache(self, batch: int, device=None, dtype=None) -> LayerCache:
+        return LayerCache()
+
+    def forward(self, x: Tensor, cache: LayerCache, ctx: MixContext) -> tuple[Tensor, LayerCache]:
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = rope(q, ctx.positions, self.theta), rope(k, ctx.positions, self.theta)
+        doc = ctx.doc_ids
+        if cache.k is not None:
+            k_all, v_all = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
+            pos_all = torch.cat([cache.pos, ctx.positions])
+            if doc is not None or cache.doc is not None:
+                doc_prev = cache.doc if cache.doc is not None else torch.zeros(
+                    B, cache.k.shape[2], dtype=torch.long, device=x.device)
+                doc_now = doc if doc is not None else torch.zeros(B, T, dtype=torch.long, device=x.device)
+                doc_all = torch.cat([doc_prev, doc_now], 1)
+            else:
+                doc_all = None
+        else:
+            k_all, v_all, pos_all, doc_all = k, v, ctx.positions, doc
+        # a query sees keys at most L-1 positions back, never ahead, and only in its own document
+        dist = ctx.positions[:, None] - pos_all[None, :]
+        mask = (dist >= 0) & (dist < ctx.window)
+        mask = mask[None, None]
+        if doc_all is not None:
+            mask = mask & (doc_now if cache.k is not None else doc)[:, None, :, None].eq(
+                doc_all[:, None, None, :])
+        o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
+                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
+        keep = max(ctx.window - 1, 0)
+        new = LayerCache(k=k_all[:, :, -keep:] if keep else k_all[:, :, :0],
+                         v=v_all[:, :, -keep:] if keep else v_all[:, :, :0],
+                         pos=pos_all[-keep:] if keep else pos_all[:0],
+                         doc=None if doc_all is None else (doc_all[:, -keep:] if keep else doc_all[:, :0]))
+        return self.o_proj(o), new

@@ -1,0 +1,132 @@
+"""Typed model config (SPEC §2, §5). Validated at load time so that a bad pattern letter, heads that do
+not divide the width, or an impossible prelude/coda split fail with one message naming the key."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+
+from megasleep.config import ConfigError, StrictModel, load_config
+
+MIXER_LETTERS = {"A": "attn", "M": "mamba2", "G": "gdn"}
+
+
+class AttnConfig(StrictModel):
+    n_heads: int = Field(4, ge=1)
+    n_kv_heads: int | None = Field(None, ge=1, description="grouped-query heads; None = n_heads")
+    head_dim: int | None = Field(None, ge=1, description="None = d_model // n_heads")
+    rope_theta: float = Field(10000.0, gt=0)
+
+
+class Mamba2Config(StrictModel):
+    """Same names and meaning as mamba_ssm.modules.mamba2.Mamba2's constructor arguments."""
+
+    d_state: int = Field(64, ge=1)
+    d_conv: int = Field(4, ge=2)
+    expand: int = Field(2, ge=1)
+    headdim: int = Field(32, ge=1)
+    ngroups: int = Field(1, ge=1)
+    A_init_range: tuple[float, float] = (1.0, 16.0)
+    dt_min: float = Field(0.001, gt=0)
+    dt_max: float = Field(0.1, gt=0)
+    dt_init_floor: float = Field(1e-4, gt=0)
+    chunk_size: int = Field(64, ge=1)
+
+
+class GDNConfig(StrictModel):
+    """Same names as fla.layers.GatedDeltaNet where they overlap."""
+
+    n_heads: int = Field(4, ge=1)
+    head_dim: int = Field(32, ge=1)
+    expand_v: float = Field(1.0, gt=0)
+    d_conv: int = Field(4, ge=2)
+    chunk_size: int = Field(64, ge=1)
+
+
+class MLPConfig(StrictModel):
+    """SwiGLU hidden size as a multiple of d_model per block type; 0 means the block has no MLP."""
+
+    A: float = Field(4.0, ge=0)
+    M: float = Field(0.0, ge=0)
+    G: float = Field(4.0, ge=0)
+    multiple_of: int = Field(8, ge=1)
+
+
+class ModelConfig(StrictModel):
+    name: str = "model"
+    vocab_size: int = Field(ge=2)
+    d_model: int = Field(ge=1)
+    pattern: str = Field(description='layer pattern, one letter per block: A=attn M=mamba2 G=gdn, e.g. "AGAG"')
+    n_prelude: int = Field(0, ge=0, description="blocks before the looped core (run once per window)")
+    n_coda: int = Field(0, ge=0, description="blocks after the looped core (run once per window)")
+    attn: AttnConfig = AttnConfig()
+    mamba2: Mamba2Config = Mamba2Config()
+    gdn: GDNConfig = GDNConfig()
+    mlp: MLPConfig = MLPConfig()
+    tie_embeddings: bool = True
+    norm_eps: float = Field(1e-5, gt=0)
+    init_std: float = Field(0.02, gt=0)
+    kernels: Literal["auto", "torch", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> ModelConfig:
+        bad = sorted({c for c in self.pattern if c not in MIXER_LETTERS})
+        if not self.pattern or bad:
+            raise ValueError(
+                f"pattern {self.pattern!r}: unknown block letter(s) {bad} (use A=attn, M=mamba2, G=gdn)")
+        if self.n_prelude + self.n_coda >= len(self.pattern):
+            raise ValueError(f"n_prelude={self.n_prelude} + n_coda={self.n_coda} leave no core blocks "
+                             f"in a {len(self.pattern)}-block pattern")
+        if "A" in self.pattern:
+            a = self.attn
+            if a.head_dim is None and self.d_model % a.n_heads:
+                raise ValueError(f"attn.n_heads={a.n_heads} does not divide d_model={self.d_model}")
+            if a.n_heads % (a.n_kv_heads or a.n_heads):
+                raise ValueError(f"attn.n_kv_heads={a.n_kv_heads} does not divide attn.n_heads={a.n_heads}")
+            if self.attn_head_dim % 2:
+                raise ValueError(f"attn head_dim={self.attn_head_dim} must be even for RoPE")
+        if "M" in self.pattern:
+            m = self.mamba2
+            d_inner = m.expand * self.d_model
+            if d_inner % m.headdim:
+                raise ValueError(f"mamba2.headdim={m.headdim} does not divide expand*d_model={d_inner}")
+            if (d_inner // m.headdim) % m.ngroups:
+                raise ValueError(f"mamba2.ngroups={m.ngroups} does not divide the {d_inner // m.headdim} heads")
+        if "G" in self.pattern and (self.gdn.head_dim * self.gdn.expand_v) % 1:
+            raise ValueError("gdn.head_dim * gdn.expand_v must be an integer")
+        return self
+
+    @property
+    def attn_head_dim(self) -> int:
+        return self.attn.head_dim or self.d_model // self.attn.n_heads
+
+    @property
+    def mixers(self) -> list[str]:
+        return [MIXER_LETTERS[c] for c in self.pattern]
+
+    def split(self) -> tuple[range, range, range]:
+        """Block indices of prelude, core and coda."""
+        n = len(self.pattern)
+        return range(0, self.n_prelude), range(self.n_prelude, n - self.n_coda), range(n - self.n_coda, n)
+
+
+def load_model_config(path=None, overrides=(), base=None) -> ModelConfig:
+    """Load a model YAML. A file may hold the model at top level or under a ``model:`` section."""
+    from megasleep.config import apply_overrides, read_yaml, validate
+
+    data = dict(base or {})
+    source = "<defaults>"
+    if path is not None:
+        raw = read_yaml(path)
+        data.update(raw.get("model", raw) if isinstance(raw.get("model"), dict) else raw)
+        source = str(path)
+    overrides = [o[len("model."):] if o.startswith("model.") else o for o in overrides]
+    if overrides:
+        apply_overrides(data, overrides)
+        source += " (with overrides " + " ".join(overrides) + ")"
+    return validate(ModelConfig, data, source, prefix="")
+
+
+__all__ = ["AttnConfig", "ConfigError", "GDNConfig", "MLPConfig", "Mamba2Config", "ModelConfig",
+           "load_config", "load_model_config"]

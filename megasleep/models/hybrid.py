@@ -1,0 +1,105 @@
+"""HybridLM: Embed -> prelude -> [core] x N -> coda -> norm -> LM head (SPEC §2).
+
+The model itself only knows how to run a list of blocks over some tokens given per-layer caches; how
+often the core runs and what is evicted when is the sleep loop's business (megasleep/sleep/loop.py).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from megasleep.models.block import Block
+from megasleep.models.cache import LayerCache, MixContext
+from megasleep.models.config import ModelConfig
+
+Caches = list[LayerCache]
+
+
+class HybridLM(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, c, i) for i, c in enumerate(cfg.pattern))
+        self.norm_f = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        pre, core, coda = cfg.split()
+        self.prelude_idx, self.core_idx, self.coda_idx = list(pre), list(core), list(coda)
+        self.reset_parameters()
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    # ---- structure -------------------------------------------------------------------------------
+    @property
+    def prelude(self) -> list[Block]:
+        return [self.layers[i] for i in self.prelude_idx]
+
+    @property
+    def core(self) -> list[Block]:
+        return [self.layers[i] for i in self.core_idx]
+
+    @property
+    def coda(self) -> list[Block]:
+        return [self.layers[i] for i in self.coda_idx]
+
+    def reset_parameters(self) -> None:
+        """Normal(0, init_std) for projections and embeddings; residual outputs scaled by 1/sqrt(2 D)."""
+        if self.embed_tokens.weight.device.type == "meta":
+            return
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * len(self.layers))
+        for name, mod in self.named_modules():
+            if isinstance(mod, nn.Linear):
+                last = name.rsplit(".", 1)[-1]
+                nn.init.normal_(mod.weight, std=out_std if last in ("o_proj", "out_proj", "down_proj") else std)
+                if mod.bias is not None:
+                    nn.init.zeros_(mod.bias)
+        nn.init.normal_(self.embed_tokens.weight, std=std)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        seen, total = set(), 0
+        for name, p in self.named_parameters(remove_duplicate=False):
+            if id(p) in seen or (exclude_embeddings and "embed_tokens" in name):
+                continue
+            seen.add(id(p))
+            total += p.numel()
+        return total
+
+    # ---- running blocks --------------------------------------------------------------------------
+    def check_ids(self, input_ids: Tensor) -> None:
+        vocab = self.config.vocab_size
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= vocab):
+            raise ValueError(f"token ids must be in [0, {vocab}) for this model "
+                             f"(got min {int(input_ids.min())}, max {int(input_ids.max())})")
+
+    def embed(self, input_ids: Tensor) -> Tensor:
+        return self.embed_tokens(input_ids)
+
+    def head(self, h: Tensor) -> Tensor:
+        return self.lm_head(self.norm_f(h))
+
+    def init_caches(self, batch: int, device=None, dtype=None) -> Caches:
+        return [blk.init_cache(batch, device, dtype) for blk in self.layers]
+
+    def run_blocks(self, idx: Sequence[int], h: Tensor, caches: Caches, ctx: MixContext) -> tuple[Tensor, Caches]:
+        """Run the blocks ``idx`` in order; returns new features and a new cache list (inputs untouched)."""
+        caches = list(caches)
+        for i in idx:
+            h, caches[i] = self.layers[i](h, caches[i], ctx)
+        return h, caches
+
+    def forward(self, input_ids: Tensor, **sleep_kwargs) -> Tensor:
+        """Logits of every position under the sleep forward (defaults: one window, N=1)."""
+        from megasleep.sleep import SleepConfig, sleep_forward
+
+        cfg = sleep_kwargs.pop("sleep", None) or SleepConfig(window=max(1, input_ids.shape[1]), passes=1)
+        return sleep_forward(self, input_ids, cfg, return_logits=True, **sleep_kwargs).logits
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> HybridLM:
+    with torch.device(device or "cpu"):
+        return HybridLM(cfg)

@@ -1,0 +1,182 @@
+"""Lazy imports of the peer packages (mamba_ssm, causal_conv1d, fla): references and CUDA kernels.
+
+Every getter returns ``(obj, None)`` or ``(None, reason)`` so callers and tests can fall back or
+skip with the reason. Nothing here is imported at ``megasleep.ops`` import time (``import fla``
+alone costs 5-15 s).
+
+``mamba_ssm`` and ``causal_conv1d`` unconditionally import their compiled CUDA extensions
+(``selective_scan_cuda``, ``causal_conv1d_cuda``). On a machine without CUDA we register empty
+stand-in modules under those names (only if the real one does not import) so that their pure
+PyTorch references and Triton modules import. With CUDA present we never stand in for
+``causal_conv1d_cuda`` (so a missing conv kernel is reported as missing, not faked), but we do
+stand in for ``selective_scan_cuda`` when it is absent: nothing in megasleep calls it, and
+``import mamba_ssm`` (hence the Triton SSD kernels) needs it. A stand-in raises a clear error if
+anything ever calls into it.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+import types
+from functools import lru_cache
+
+import torch
+
+Result = tuple  # (obj, None) | (None, reason)
+
+
+class _StandIn(types.ModuleType):
+    __megasleep_standin__ = True
+
+    def __getattr__(self, attr):
+        if attr.startswith("__"):
+            raise AttributeError(attr)
+        raise AttributeError(
+            f"{self.__name__}.{attr}: '{self.__name__}' is an empty stand-in registered by megasleep.ops._peers "
+            "because the compiled CUDA extension is not installed"
+        )
+
+
+def is_standin(name: str) -> bool:
+    mod = sys.modules.get(name)
+    return bool(mod is not None and getattr(mod, "__megasleep_standin__", False))
+
+
+def _ensure_extension(name: str, allow_standin: bool) -> str | None:
+    """Import compiled extension ``name`` or register a stand-in; return None or why it is missing."""
+    if name in sys.modules:
+        return f"compiled extension {name} is not installed (stand-in in use)" if is_standin(name) else None
+    try:
+        importlib.import_module(name)
+        return None
+    except Exception as e:  # ImportError, or an OSError from a broken .so
+        reason = f"compiled extension {name} does not import ({type(e).__name__}: {e})"
+    if allow_standin:
+        sys.modules[name] = _StandIn(name)
+    return reason
+
+
+def _cuda_ok() -> bool:
+    return torch.cuda.is_available()
+
+
+def _prepare_mamba() -> str | None:
+    """Make ``import mamba_ssm`` possible; returns a reason string when it cannot be."""
+    _ensure_extension("selective_scan_cuda", allow_standin=True)
+    _ensure_extension("causal_conv1d_cuda", allow_standin=not _cuda_ok())
+    return None
+
+
+def _try(modname: str, attr: str, prepare=None) -> Result:
+    try:
+        if prepare is not None:
+            prepare()
+        mod = importlib.import_module(modname)
+        return getattr(mod, attr), None
+    except Exception as e:
+        return None, f"cannot import {modname}.{attr}: {type(e).__name__}: {e}"
+
+
+# --------------------------------------------------------------------------- references (CPU)
+@lru_cache(maxsize=None)
+def ssd_minimal_discrete() -> Result:
+    """``mamba_ssm.modules.ssd_minimal.ssd_minimal_discrete(X, A, B, C, block_len, initial_states)``."""
+    return _try("mamba_ssm.modules.ssd_minimal", "ssd_minimal_discrete", _prepare_mamba)
+
+
+@lru_cache(maxsize=None)
+def fla_naive_recurrent_gated_delta_rule() -> Result:
+    """``fla.ops.gated_delta_rule.naive_recurrent_gated_delta_rule(q, k, v, beta, g, ...)``."""
+    return _try("fla.ops.gated_delta_rule.naive", "naive_recurrent_gated_delta_rule")
+
+
+@lru_cache(maxsize=None)
+def fla_naive_chunk_gated_delta_rule() -> Result:
+    return _try("fla.ops.gated_delta_rule.naive", "naive_chunk_gated_delta_rule")
+
+
+@lru_cache(maxsize=None)
+def causal_conv1d_ref() -> Result:
+    """``causal_conv1d.causal_conv1d_interface.causal_conv1d_ref`` (pure PyTorch)."""
+    return _try("causal_conv1d.causal_conv1d_interface", "causal_conv1d_ref", _prepare_mamba)
+
+
+@lru_cache(maxsize=None)
+def causal_conv1d_update_ref() -> Result:
+    return _try("causal_conv1d.causal_conv1d_interface", "causal_conv1d_update_ref", _prepare_mamba)
+
+
+# --------------------------------------------------------------------------- kernels (CUDA)
+def _need_cuda() -> str | None:
+    if not _cuda_ok():
+        return "CUDA is not available (torch.cuda.is_available() is False)"
+    return None
+
+
+@lru_cache(maxsize=None)
+def mamba_chunk_scan_combined() -> Result:
+    """Triton SSD kernel ``mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined``."""
+    if (r := _need_cuda()) is not None:
+        return None, r
+    return _try("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined", _prepare_mamba)
+
+
+@lru_cache(maxsize=None)
+def selective_state_update() -> Result:
+    """Triton decode kernel ``mamba_ssm.ops.triton.selective_state_update.selective_state_update``."""
+    if (r := _need_cuda()) is not None:
+        return None, r
+    return _try("mamba_ssm.ops.triton.selective_state_update", "selective_state_update", _prepare_mamba)
+
+
+def _conv_kernel(attr: str) -> Result:
+    if (r := _need_cuda()) is not None:
+        return None, r
+    r = _ensure_extension("causal_conv1d_cuda", allow_standin=False)
+    if r is not None:
+        return None, r
+    return _try("causal_conv1d.causal_conv1d_interface", attr)
+
+
+@lru_cache(maxsize=None)
+def causal_conv1d_fn() -> Result:
+    """CUDA kernel ``causal_conv1d.causal_conv1d_fn`` (needs the compiled ``causal_conv1d_cuda``)."""
+    return _conv_kernel("causal_conv1d_fn")
+
+
+@lru_cache(maxsize=None)
+def causal_conv1d_update() -> Result:
+    return _conv_kernel("causal_conv1d_update")
+
+
+@lru_cache(maxsize=None)
+def fla_chunk_gated_delta_rule() -> Result:
+    """Triton kernel ``fla.ops.gated_delta_rule.chunk_gated_delta_rule``."""
+    if (r := _need_cuda()) is not None:
+        return None, r
+    return _try("fla.ops.gated_delta_rule", "chunk_gated_delta_rule")
+
+
+@lru_cache(maxsize=None)
+def fla_fused_recurrent_gated_delta_rule() -> Result:
+    """Triton kernel ``fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule`` (forward only)."""
+    if (r := _need_cuda()) is not None:
+        return None, r
+    return _try("fla.ops.gated_delta_rule", "fused_recurrent_gated_delta_rule")
+
+
+def kernel_report() -> dict[str, str]:
+    """``{kernel: "ok" | reason}`` for every CUDA kernel megasleep can dispatch to."""
+    out = {}
+    for name, getter in (
+        ("mamba_chunk_scan_combined", mamba_chunk_scan_combined),
+        ("selective_state_update", selective_state_update),
+        ("causal_conv1d_fn", causal_conv1d_fn),
+        ("causal_conv1d_update", causal_conv1d_update),
+        ("chunk_gated_delta_rule", fla_chunk_gated_delta_rule),
+        ("fused_recurrent_gated_delta_rule", fla_fused_recurrent_gated_delta_rule),
+    ):
+        fn, reason = getter()
+        out[name] = "ok" if fn is not None else reason
+    return out

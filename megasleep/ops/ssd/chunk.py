@@ -1,0 +1,89 @@
+"""Chunked SSD (Mamba-2 scan) in pure PyTorch: O(T) work, chunk-parallel matmuls, exact resets.
+
+Derivation (per head; ``a_t = dt_t * A`` is the log-decay, ``-inf`` at a reset; the chunk has
+positions ``0..Q-1``, ``S_in`` is the state entering it; ``seg[i, j] = sum_{k=j+1}^{i} a_k``):
+
+    S_i  = exp(sum_{k<=i} a_k) S_in + sum_{j<=i} exp(seg[i, j]) dt_j x_j B_j^T
+    y_i  = C_i^T S_i^T ... written per output channel p:
+    y_i  = exp(cum_i) (S_in C_i)  +  sum_{j<=i} exp(seg[i, j]) (C_i . B_j) dt_j x_j  +  D x_i
+
+* intra-chunk ("diagonal block"): ``Y_diag = (L * (C B^T)) @ (dt x)`` with ``L = exp(seg)``
+  (lower triangular, Q x Q) -- one batched matmul per chunk; ``C B^T`` is computed once per group.
+* chunk states: ``states = (dt x * exp(seg[Q-1, :]))^T @ B`` (the last row of ``L``).
+* inter-chunk recurrence (sequential over T/Q chunks, O(T) in total):
+  ``S_in[c+1] = exp(cum_{Q-1}[c]) S_in[c] + states[c]``.
+* off-diagonal output: ``Y_off = exp(cum) * (C @ S_in^T)``.
+
+All decays come from the masked-cumsum ``segsum`` (last row = decay to chunk end) and the plain
+inclusive cumsum (decay from chunk start): no difference of cumsums is ever taken, so a reset
+(``a_t = -inf``) yields exact zeros and never ``-inf - (-inf) = NaN``. The tail is padded with
+``dt = 0`` (decay 1, no input), which leaves the final state unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .._common import apply_reset_to_logdecay, check_reset, compute_dtype, segsum
+from .naive import _check
+
+
+def ssd_chunk(x, dt, A, B, C, D=None, initial_state=None, reset=None, chunk_size=64):
+    """Chunked SSD; same contract as :func:`ssd_naive`. Returns ``(y in x.dtype, state fp32)``."""
+    _check(x, dt, A, B, C)
+    b, t, h, p = x.shape
+    g, n = B.shape[2], B.shape[3]
+    rep = h // g
+    reset = check_reset(reset, b, t)
+    cd = compute_dtype(x, dt, A, B, C, D, initial_state)
+    q = int(chunk_size)
+    if q < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if t == 0:
+        S0 = x.new_zeros(b, h, p, n, dtype=cd) if initial_state is None else initial_state.to(cd)
+        return x.new_zeros(b, 0, h, p), S0
+    q = min(q, t)
+    nc = -(-t // q)
+    pad = nc * q - t
+
+    xf, dtf, Bf, Cf = x.to(cd), dt.to(cd), B.to(cd), C.to(cd)
+    la = apply_reset_to_logdecay(dtf * A.to(cd), reset)  # [b,t,h]
+    xdt = xf * dtf[..., None]
+    if pad:
+        xdt = F.pad(xdt, (0, 0, 0, 0, 0, pad))
+        la = F.pad(la, (0, 0, 0, pad))
+        Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
+        Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
+
+    # layouts: [b, c, g, rep, Q, *] for per-head tensors and [b, c, g, 1, Q, n] for B, C
+    xdt = xdt.view(b, nc, q, g, rep, p).permute(0, 1, 3, 4, 2, 5)  # [b,c,g,r,Q,p]
+    la = la.view(b, nc, q, g, rep).permute(0, 1, 3, 4, 2)  # [b,c,g,r,Q]
+    Bc = Bf.view(b, nc, q, g, n).permute(0, 1, 3, 2, 4).unsqueeze(3)  # [b,c,g,1,Q,n]
+    Cc = Cf.view(b, nc, q, g, n).permute(0, 1, 3, 2, 4).unsqueeze(3)
+
+    L = torch.exp(segsum(la))  # [b,c,g,r,Q,Q]
+    cum = torch.cumsum(la, dim=-1)  # inclusive; -inf after a reset inside the chunk
+    decay_in = torch.exp(cum)  # decay from chunk start to position i
+    decay_chunk = decay_in[..., -1]  # [b,c,g,r]
+    decay_out = L[..., -1, :]  # decay from position j to chunk end, [b,c,g,r,Q]
+
+    CB = Cc @ Bc.transpose(-1, -2)  # [b,c,g,1,Q,Q], once per group
+    y = (CB * L) @ xdt  # intra-chunk, [b,c,g,r,Q,p]
+    states = (xdt * decay_out[..., None]).transpose(-1, -2) @ Bc  # [b,c,g,r,p,n]
+
+    if initial_state is None:
+        S = x.new_zeros(b, g, rep, p, n, dtype=cd)
+    else:
+        S = initial_state.to(cd).reshape(b, g, rep, p, n)
+    s_in = []
+    for c in range(nc):
+        s_in.append(S)
+        S = decay_chunk[:, c, ..., None, None] * S + states[:, c]
+    s_in = torch.stack(s_in, dim=1)  # [b,c,g,r,p,n]
+
+    y = y + (Cc @ s_in.transpose(-1, -2)) * decay_in[..., None]
+    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * q, h, p)[:, :t]
+    if D is not None:
+        y = y + xf * D.to(cd)[:, None]
+    return y.to(x.dtype), S.reshape(b, h, p, n)

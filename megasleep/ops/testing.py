@@ -1,0 +1,116 @@
+"""Input factories and forward/backward comparison helpers shared by tests/ops and tests/gpu."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def _gen(seed: int, device="cpu") -> torch.Generator:
+    return torch.Generator(device="cpu").manual_seed(seed)
+
+
+def _rand(gen, *shape, dtype, device, kind="randn"):
+    t = torch.randn(*shape, generator=gen, dtype=torch.float64) if kind == "randn" else torch.rand(
+        *shape, generator=gen, dtype=torch.float64
+    )
+    return t.to(device=device, dtype=dtype)
+
+
+def random_reset(b: int, t: int, p: float = 0.1, seed: int = 0, device="cpu", force=True) -> torch.Tensor:
+    """Random document starts; with ``force`` at least one reset mid-sequence and one at t=0 in row 0."""
+    gen = _gen(seed)
+    r = torch.rand(b, t, generator=gen) < p
+    if force and t > 2:
+        r[0, 0] = True
+        r[-1, t // 2] = True
+    return r.to(device)
+
+
+def make_ssd_inputs(b, t, h, p, g, n, *, dtype=torch.float64, device="cpu", seed=0, init=True, D=True):
+    gen = _gen(seed)
+    x = _rand(gen, b, t, h, p, dtype=dtype, device=device)
+    dt = F.softplus(_rand(gen, b, t, h, dtype=torch.float64, device="cpu") - 1.0).to(device=device, dtype=dtype)
+    A = (-torch.exp(_rand(gen, h, dtype=torch.float64, device="cpu") * 0.5)).to(device=device, dtype=torch.float32 if dtype != torch.float64 else dtype)
+    B = _rand(gen, b, t, g, n, dtype=dtype, device=device)
+    C = _rand(gen, b, t, g, n, dtype=dtype, device=device)
+    out = {"x": x, "dt": dt, "A": A, "B": B, "C": C}
+    out["D"] = _rand(gen, h, dtype=A.dtype, device=device) if D else None
+    out["initial_state"] = _rand(gen, b, h, p, n, dtype=A.dtype, device=device) if init else None
+    return out
+
+
+def make_gdn_inputs(b, t, h, dk, dv, *, dtype=torch.float64, device="cpu", seed=0, init=True):
+    gen = _gen(seed)
+    q = F.normalize(_rand(gen, b, t, h, dk, dtype=torch.float64, device="cpu"), dim=-1).to(device=device, dtype=dtype)
+    k = F.normalize(_rand(gen, b, t, h, dk, dtype=torch.float64, device="cpu"), dim=-1).to(device=device, dtype=dtype)
+    v = _rand(gen, b, t, h, dv, dtype=dtype, device=device)
+    g = F.logsigmoid(_rand(gen, b, t, h, dtype=torch.float64, device="cpu") + 2.0).to(device=device, dtype=torch.float32 if dtype != torch.float64 else dtype)
+    beta = torch.sigmoid(_rand(gen, b, t, h, dtype=torch.float64, device="cpu")).to(device=device, dtype=dtype)
+    sd = torch.float32 if dtype != torch.float64 else dtype
+    out = {"q": q, "k": k, "v": v, "g": g, "beta": beta}
+    out["initial_state"] = _rand(gen, b, h, dk, dv, dtype=sd, device=device) if init else None
+    return out
+
+
+def make_conv_inputs(b, d, t, w, *, dtype=torch.float64, device="cpu", seed=0, init=True, bias=True):
+    gen = _gen(seed)
+    wd = torch.float32 if dtype != torch.float64 else dtype
+    out = {
+        "x": _rand(gen, b, d, t, dtype=dtype, device=device),
+        "weight": _rand(gen, d, w, dtype=wd, device=device) * 0.5,
+        "bias": _rand(gen, d, dtype=wd, device=device) if bias else None,
+    }
+    out["initial_state"] = _rand(gen, b, d, w - 1, dtype=wd, device=device) if init else None
+    return out
+
+
+def run_with_grads(fn, inputs: dict, *, seed=123, **kwargs):
+    """Run ``fn(**inputs, **kwargs)`` -> (out, state) on fresh leaf copies of the floating inputs and
+    backprop fixed random cotangents for both. Returns ``(out, state, {name: grad})``."""
+    leaves = {}
+    for k, v in inputs.items():
+        if isinstance(v, torch.Tensor) and v.is_floating_point():
+            leaves[k] = v.detach().clone().requires_grad_(True)
+        else:
+            leaves[k] = v
+    out, state = fn(**leaves, **kwargs)
+    gen = _gen(seed)
+    go = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out.device, out.dtype)
+    gs = torch.randn(state.shape, generator=gen, dtype=torch.float64).to(state.device, state.dtype)
+    torch.autograd.backward([out, state], [go, gs])
+    grads = {k: v.grad for k, v in leaves.items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    return out.detach(), state.detach(), grads
+
+
+def max_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.double() - b.double()).abs().max().item() if a.numel() else 0.0
+
+
+def assert_all_close(ref, test, *, atol, rtol, what=""):
+    """Compare (out, state, grads) triples from :func:`run_with_grads` with one message per tensor.
+
+    The tolerance is relative to each reference tensor's scale: ``|a - b| <= atol + rtol * max|a|``."""
+    o1, s1, g1 = ref
+    o2, s2, g2 = test
+    pairs = [("out", o1, o2), ("final_state", s1, s2)]
+    pairs += [(f"grad[{k}]", g1[k], g2.get(k)) for k in g1]
+    bad = []
+    for name, a, b in pairs:
+        if a is None and b is None:
+            continue
+        if (a is None) != (b is None):
+            bad.append(f"{name}: one side is None")
+            continue
+        if a.shape != b.shape:
+            bad.append(f"{name}: shape {list(a.shape)} vs {list(b.shape)}")
+            continue
+        if not torch.isfinite(b.double()).all():
+            bad.append(f"{name}: non-finite values")
+            continue
+        scale = a.double().abs().max().item() if a.numel() else 0.0
+        err = max_err(a, b)
+        if err > atol + rtol * scale:
+            bad.append(f"{name}: max abs err {err:.3e} > {atol:.1e} + {rtol:.1e} * {scale:.3e}")
+    if bad:
+        raise AssertionError(f"{what}: " + "; ".join(bad))

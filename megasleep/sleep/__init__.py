@@ -1,0 +1,6 @@
+"""Sleep: the chunked wake/sleep forward of SPEC §3 (loop.py) and its settings (config.py)."""
+
+from megasleep.sleep.config import SleepConfig
+from megasleep.sleep.loop import SleepOutput, SleepRunner, sleep_forward
+
+__all__ = ["SleepConfig", "SleepOutput", "SleepRunner", "sleep_forward"]

@@ -1,0 +1,190 @@
+"""The sleep loop (SPEC §3) — the one place where windows, passes and eviction are decided.
+
+    S <- 0 for every SSM mixer
+    for each window c of L tokens:
+        h <- prelude(Embed(c)); h, S <- core(h, S)          # pass 1 = wake pass
+        loss += masked CE(head(coda(h)))
+        if another window follows:                         # sleep before eviction
+            for j in 2..N: h, S <- core(h, S)              # same window, features fed back
+        evict short-term memory (hard: all; sliding: keep last L-1 wake-pass keys)
+
+Short-term memory (attention KV, short-conv history) is what a pass *starts* from: every pass over a
+window starts from the short-term memory the window started with, and what the next window inherits
+is the wake pass's (the streaming engine only ever has the wake pass's). Only the fast weights ``S``
+flow from pass to pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.checkpoint import checkpoint
+
+from megasleep.models.cache import LayerCache, MixContext, doc_resets
+from megasleep.models.hybrid import Caches, HybridLM
+from megasleep.models.norm import upcast
+from megasleep.sleep.config import SleepConfig
+
+
+@dataclass
+class SleepOutput:
+    loss: Tensor                      # mean CE over target tokens (0 if none)
+    loss_sum: Tensor                  # summed CE (for exact averaging across micro-batches / ranks)
+    n_tokens: int                     # number of target tokens
+    window_loss: list[float]          # mean CE per window index (nan where a window has no targets)
+    window_tokens: list[int]
+    passes: int                       # N used for this call
+    passes_used: list[int]            # passes actually run per window (adaptive sleep may stop early)
+    caches: Caches | None = None
+    logits: Tensor | None = None      # [B, T, V] when return_logits
+    forwards: int = 0                 # (window, core pass) forwards executed (for FLOP accounting)
+    extras: dict = field(default_factory=dict)
+
+
+def _relative_change(new: Caches, old: Caches, idx: list[int]) -> float:
+    worst = 0.0
+    for i in idx:
+        if new[i].ssm is None:
+            continue
+        a, b = new[i].ssm.float(), old[i].ssm.float()
+        num = (a - b).flatten(1).norm(dim=1)
+        den = b.flatten(1).norm(dim=1).clamp_min(1e-12)
+        worst = max(worst, float((num / den).max()))
+    return worst
+
+
+class SleepRunner:
+    """Runs the loop above for one batch. Subclass and override a step to change one behaviour."""
+
+    def __init__(self, model: HybridLM, cfg: SleepConfig, backend: str | None = None):
+        self.model, self.cfg = model, cfg
+        self.backend = backend or model.config.kernels
+
+    # -- the pieces, each small ---------------------------------------------------------------------
+    def context(self, s: int, e: int, offset: int, doc_ids, reset, device) -> MixContext:
+        """Context of tokens [s, e) of this call; ``offset`` = absolute position of the call's token 0."""
+        return MixContext.for_span(offset + s, offset + e, self.cfg.window, self.cfg.eviction,
+                                   None if doc_ids is None else doc_ids[:, s:e],
+                                   None if reset is None else reset[:, s:e], self.backend, device)
+
+    def _maybe_checkpoint(self, fn, *args):
+        if self.cfg.checkpoint and torch.is_grad_enabled():
+            return checkpoint(fn, *args, use_reentrant=False)
+        return fn(*args)
+
+    def core_pass(self, h: Tensor, caches: Caches, ctx: MixContext) -> tuple[Tensor, Caches]:
+        idx = self.model.core_idx
+        return self._maybe_checkpoint(lambda x: self.model.run_blocks(idx, x, caches, ctx), h)
+
+    def wake_head_loss(self, h, caches, ctx, targets, target_mask, need_logits):
+        """coda + head + masked CE of one window (checkpointed: the [B, L, V] logits are the big part)."""
+        model = self.model
+
+        def fn(x):
+            x, new = model.run_blocks(model.coda_idx, x, caches, ctx)
+            if not need_logits and not bool(target_mask.any()):
+                return None, new, x.new_zeros(())
+            logits = model.head(x)
+            ce = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), reduction="none")
+            return (logits if need_logits else None), new, (ce * target_mask.flatten()).sum()
+
+        return self._maybe_checkpoint(fn, h)
+
+    def sleep(self, h: Tensor, caches: Caches, ctx: MixContext, start_short: list[LayerCache],
+              passes: int) -> tuple[Tensor, Caches, int]:
+        """Passes 2..N over the same window: features fed back, S carried, short-term memory restarted."""
+        core = self.model.core_idx
+        k = self.cfg.truncate_backprop
+        used = 1
+        for j in range(2, passes + 1):
+            prev = caches
+            caches = list(caches)
+            for i, short in zip(core, start_short):
+                caches[i] = caches[i].with_short_term(short)
+            no_grad = k is not None and j <= passes - k
+            if no_grad:
+                with torch.no_grad():
+                    h, caches = self.model.run_blocks(core, h, caches, ctx)
+                h = h.detach()
+                caches = [LayerCache(**{f: (t.detach() if isinstance(t, Tensor) else t)
+                                        for f, t in vars(c).items()}) for c in caches]
+            else:
+                h, caches = self.core_pass(h, caches, ctx)
+            used = j
+            if self.cfg.adaptive_tol is not None and _relative_change(caches, prev, core) < self.cfg.adaptive_tol:
+                break
+        return h, caches, used
+
+    def evict(self, caches: Caches) -> Caches:
+        """Window boundary: hard drops all short-term memory, sliding keeps the last L-1 keys."""
+        return [c.evict(self.cfg.eviction, self.cfg.window) for c in caches]
+
+    # -- the loop -----------------------------------------------------------------------------------
+    def __call__(self, input_ids: Tensor, loss_mask: Tensor | None = None, doc_ids: Tensor | None = None,
+                 step: int | None = None, return_logits: bool = False, caches: Caches | None = None,
+                 start: int = 0) -> SleepOutput:
+        model, cfg, L = self.model, self.cfg, self.cfg.window
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
+        B, T = input_ids.shape
+        device = input_ids.device
+        model.check_ids(input_ids)
+        if loss_mask is None:
+            loss_mask = torch.ones_like(input_ids, dtype=torch.bool)
+            loss_mask[:, 0] = False
+        elif loss_mask.shape != input_ids.shape:
+            raise ValueError(f"loss_mask shape {tuple(loss_mask.shape)} != input_ids shape {tuple(input_ids.shape)}")
+        passes = cfg.passes_for_step(step)
+        caches = caches if caches is not None else model.init_caches(B, device, model.embed_tokens.weight.dtype)
+        reset = doc_resets(doc_ids)
+        # target of position t is token t+1; the last position has none
+        targets = torch.zeros_like(input_ids)
+        targets[:, :-1] = input_ids[:, 1:]
+        tmask = torch.zeros_like(loss_mask, dtype=torch.bool)
+        tmask[:, :-1] = loss_mask[:, 1:].bool()
+
+        loss_sum = torch.zeros((), device=device)
+        window_loss, window_tokens, passes_used, logits_out = [], [], [], []
+        forwards = 0
+        for s in range(0, T, L):
+            e = min(s + L, T)
+            ctx = self.context(s, e, start, doc_ids, reset, device)
+            h = model.embed(input_ids[:, s:e])
+            h, caches = model.run_blocks(model.prelude_idx, h, caches, ctx)
+            start_short = [caches[i].short_term() for i in model.core_idx]
+            h, caches = self.core_pass(h, caches, ctx)
+            forwards += 1
+            wmask = tmask[:, s:e]
+            logits, caches, wsum = self.wake_head_loss(h, caches, ctx, targets[:, s:e], wmask, return_logits)
+            n = int(wmask.sum())
+            loss_sum = loss_sum + wsum
+            window_loss.append(float(wsum.detach()) / n if n else float("nan"))
+            window_tokens.append(n)
+            if logits is not None:
+                logits_out.append(logits)
+            used = 1
+            if e < T and passes > 1:
+                wake_short = [caches[i].short_term() for i in model.core_idx]
+                h, caches, used = self.sleep(h, caches, ctx, start_short, passes)
+                forwards += used - 1
+                for i, short in zip(model.core_idx, wake_short):
+                    caches[i] = caches[i].with_short_term(short)
+            passes_used.append(used)
+            if e < T:
+                caches = self.evict(caches)
+        n_tok = int(tmask.sum())
+        loss = loss_sum / max(n_tok, 1)
+        return SleepOutput(loss=loss, loss_sum=loss_sum, n_tokens=n_tok, window_loss=window_loss,
+                           window_tokens=window_tokens, passes=passes, passes_used=passes_used,
+                           caches=caches, logits=torch.cat(logits_out, 1) if return_logits else None,
+                           forwards=forwards)
+
+
+def sleep_forward(model: HybridLM, input_ids: Tensor, cfg: SleepConfig, loss_mask: Tensor | None = None,
+                  doc_ids: Tensor | None = None, step: int | None = None, return_logits: bool = False,
+                  caches: Caches | None = None, backend: str | None = None) -> SleepOutput:
+    """Chunked sleep forward over ``input_ids`` [B, T]; see the module docstring."""
+    return SleepRunner(model, cfg, backend)(input_ids, loss_mask, doc_ids, step, return_logits, caches)
