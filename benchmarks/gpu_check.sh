@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# One GPU check, < 8 minutes on one H100: CUDA kernel parity tests, then the benchmark table.
+# Installs nothing over the network. Usage: benchmarks/gpu_check.sh [OUT.md] [extra gpu_check.py args]
+# Env: PYTHON (default python3 or .venv/bin/python), PYTEST_TIMEOUT (default 240 s for the tests).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+OUTFILE=${1:-benchmarks/gpu-check-$(date +%F).md}
+shift || true
+echo "== CUDA parity tests (tests/gpu) =="
+timeout "${PYTEST_TIMEOUT:-240}" "$PY" -m pytest -q -ra -p no:cacheprovider tests/gpu 2>&1 | tee /tmp/gpu_tests.log
+test_rc=${PIPESTATUS[0]}
+echo "== benchmarks =="
+"$PY" benchmarks/gpu_check.py --out "$OUTFILE" "$@"
+bench_rc=$?
+{ echo; echo "## CUDA parity tests (exit $test_rc)"; echo; echo '```'; tail -n 25 /tmp/gpu_tests.log; echo '```'; } >> "$OUTFILE"
+echo "report: $OUTFILE (tests exit $test_rc, benchmarks exit $bench_rc)"
+exit $(( test_rc != 0 ? test_rc : bench_rc ))
