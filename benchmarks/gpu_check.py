@@ -113,9 +113,9 @@ def kernel_rows(quick: bool) -> list[list[object]]:
 
     for name, fn, shape in (("SSD (mamba2 scan)", ssd_step, f"B={B} T={T} H={H} P={P} N={N}"),
                             ("gated delta rule", gdn_step, f"B={B} T={T} H={Hg} K={K} V={V}")):
-        t_torch = cuda_time(lambda: fn("torch"))
+        t_torch = cuda_time(lambda fn=fn: fn("torch"))
         try:
-            t_cuda = cuda_time(lambda: fn("cuda"))
+            t_cuda = cuda_time(lambda fn=fn: fn("cuda"))
             rows.append([name + " fwd+bwd, h0 grad", shape, t_torch * 1e3, t_cuda * 1e3, t_torch / t_cuda])
         except Exception as exc:  # report, do not hide
             rows.append([name + " fwd+bwd", shape, t_torch * 1e3, f"unavailable: {exc}"[:80], "-"])
@@ -149,7 +149,7 @@ def train_rows(args) -> list[list[object]]:
             scfg = SleepConfig(window=L, passes=n)
             state = {}
 
-            def step():
+            def step(model=model, ids=ids, scfg=scfg, opt=opt, state=state):
                 with torch.autocast(dev.split(":")[0], dtype=torch.bfloat16):
                     out = sleep_forward(model, ids, scfg)
                 out.loss.backward()
@@ -217,8 +217,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  f"{k}: {v}" for k, v in kernel_report().items()), ""]
     sections = [("kernels", "## Kernel vs torch (chunked) speed", kernel_rows, (args.quick,),
                  ["op", "shape", "torch ms", "cuda ms", "speed-up"]),
-                ("train", f"## Training throughput (bf16 autocast, AdamW, single GPU = ZeRO-0, "
-                          f"activation checkpointing per (window, pass))", train_rows, (args,),
+                ("train", "## Training throughput (bf16 autocast, AdamW, single GPU = ZeRO-0, "
+                          "activation checkpointing per (window, pass))", train_rows, (args,),
                  ["model", "N", "batch x T", "tokens/s", "model TFLOP/s", "MFU", "peak GiB"]),
                 ("wake", "## Wake latency (streaming engine)", wake_rows, (args.quick,),
                  ["model", "context", "ms / token", "ratio vs 512"])]

@@ -69,6 +69,20 @@ class HybridLM(nn.Module):
             total += p.numel()
         return total
 
+    # ---- released checkpoints (megasleep/models/pretrained.py) ----------------------------------
+    @classmethod
+    def from_pretrained(cls, path, device=None, dtype=None, **overrides) -> HybridLM:
+        """Exported dir (or a mamba_ssm MambaLMHeadModel dir) -> model in eval mode."""
+        from megasleep.models.pretrained import load_pretrained
+
+        return load_pretrained(path, device=device, dtype=dtype, **overrides)
+
+    def save_pretrained(self, path, tokenizer_path=None, **kwargs):
+        """config.json + model.safetensors (+ tokenizer.model), written atomically."""
+        from megasleep.models.pretrained import save_pretrained
+
+        return save_pretrained(self, path, tokenizer_path=tokenizer_path, **kwargs)
+
     # ---- running blocks --------------------------------------------------------------------------
     def check_ids(self, input_ids: Tensor) -> None:
         vocab = self.config.vocab_size

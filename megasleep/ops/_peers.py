@@ -17,9 +17,10 @@ anything ever calls into it.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import sys
 import types
-from functools import lru_cache
+from functools import cache
 
 import torch
 
@@ -79,30 +80,30 @@ def _try(modname: str, attr: str, prepare=None) -> Result:
 
 
 # --------------------------------------------------------------------------- references (CPU)
-@lru_cache(maxsize=None)
+@cache
 def ssd_minimal_discrete() -> Result:
     """``mamba_ssm.modules.ssd_minimal.ssd_minimal_discrete(X, A, B, C, block_len, initial_states)``."""
     return _try("mamba_ssm.modules.ssd_minimal", "ssd_minimal_discrete", _prepare_mamba)
 
 
-@lru_cache(maxsize=None)
+@cache
 def fla_naive_recurrent_gated_delta_rule() -> Result:
     """``fla.ops.gated_delta_rule.naive_recurrent_gated_delta_rule(q, k, v, beta, g, ...)``."""
     return _try("fla.ops.gated_delta_rule.naive", "naive_recurrent_gated_delta_rule")
 
 
-@lru_cache(maxsize=None)
+@cache
 def fla_naive_chunk_gated_delta_rule() -> Result:
     return _try("fla.ops.gated_delta_rule.naive", "naive_chunk_gated_delta_rule")
 
 
-@lru_cache(maxsize=None)
+@cache
 def causal_conv1d_ref() -> Result:
     """``causal_conv1d.causal_conv1d_interface.causal_conv1d_ref`` (pure PyTorch)."""
     return _try("causal_conv1d.causal_conv1d_interface", "causal_conv1d_ref", _prepare_mamba)
 
 
-@lru_cache(maxsize=None)
+@cache
 def causal_conv1d_update_ref() -> Result:
     return _try("causal_conv1d.causal_conv1d_interface", "causal_conv1d_update_ref", _prepare_mamba)
 
@@ -114,7 +115,7 @@ def _need_cuda() -> str | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def mamba_chunk_scan_combined() -> Result:
     """Triton SSD kernel ``mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined``."""
     if (r := _need_cuda()) is not None:
@@ -122,7 +123,7 @@ def mamba_chunk_scan_combined() -> Result:
     return _try("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined", _prepare_mamba)
 
 
-@lru_cache(maxsize=None)
+@cache
 def selective_state_update() -> Result:
     """Triton decode kernel ``mamba_ssm.ops.triton.selective_state_update.selective_state_update``."""
     if (r := _need_cuda()) is not None:
@@ -139,18 +140,18 @@ def _conv_kernel(attr: str) -> Result:
     return _try("causal_conv1d.causal_conv1d_interface", attr)
 
 
-@lru_cache(maxsize=None)
+@cache
 def causal_conv1d_fn() -> Result:
     """CUDA kernel ``causal_conv1d.causal_conv1d_fn`` (needs the compiled ``causal_conv1d_cuda``)."""
     return _conv_kernel("causal_conv1d_fn")
 
 
-@lru_cache(maxsize=None)
+@cache
 def causal_conv1d_update() -> Result:
     return _conv_kernel("causal_conv1d_update")
 
 
-@lru_cache(maxsize=None)
+@cache
 def fla_chunk_gated_delta_rule() -> Result:
     """Triton kernel ``fla.ops.gated_delta_rule.chunk_gated_delta_rule``."""
     if (r := _need_cuda()) is not None:
@@ -158,12 +159,39 @@ def fla_chunk_gated_delta_rule() -> Result:
     return _try("fla.ops.gated_delta_rule", "chunk_gated_delta_rule")
 
 
-@lru_cache(maxsize=None)
+@cache
 def fla_fused_recurrent_gated_delta_rule() -> Result:
     """Triton kernel ``fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule`` (forward only)."""
     if (r := _need_cuda()) is not None:
         return None, r
     return _try("fla.ops.gated_delta_rule", "fused_recurrent_gated_delta_rule")
+
+
+@cache
+def fla_gdn_backward_problem() -> str | None:
+    """Why fla's ``chunk_gated_delta_rule`` *backward* cannot be used here, or None.
+
+    fla refuses the gated ``chunk_bwd_dqkwg`` on Hopper GPUs with 3.4.0 <= Triton < 3.7.1 (wrong
+    results, fla issue #640) unless its tilelang backend is installed; the forward is unaffected.
+    Seen on an H100 with torch 2.11 / Triton 3.6: the backward raised RuntimeError.
+    """
+    fn, why = fla_chunk_gated_delta_rule()
+    if fn is None:
+        return why
+    try:
+        import fla.utils as fu
+    except Exception as e:  # pragma: no cover - fla imported above
+        return f"cannot import fla.utils: {e}"
+    hopper = bool(getattr(fu, "IS_NVIDIA_HOPPER", False))
+    bad_triton = bool(getattr(fu, "TRITON_ABOVE_3_4_0", False)) and not bool(getattr(fu, "TRITON_ABOVE_3_7_1", True))
+    if hopper and bad_triton and importlib.util.find_spec("tilelang") is None:
+        import triton
+
+        return (
+            f"fla's chunk_gated_delta_rule backward is disabled by fla on Hopper GPUs with Triton "
+            f"{triton.__version__} (>= 3.4.0, < 3.7.1; fla issue #640); upgrade Triton to >= 3.7.1 or install tilelang"
+        )
+    return None
 
 
 def kernel_report() -> dict[str, str]:
@@ -179,4 +207,6 @@ def kernel_report() -> dict[str, str]:
     ):
         fn, reason = getter()
         out[name] = "ok" if fn is not None else reason
+    if out["chunk_gated_delta_rule"] == "ok" and (why := fla_gdn_backward_problem()) is not None:
+        out["chunk_gated_delta_rule"] = f"forward only: {why}"
     return out

@@ -21,6 +21,20 @@ def _channel_last(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).contiguous().transpose(1, 2)
 
 
+def _kernel_input(x: torch.Tensor, need_channel_last: bool) -> torch.Tensor:
+    """A layout the kernel accepts: channel-last (``x.stride(1) == 1``) needs D and the strides to be
+    multiples of 8, channel-first needs ``x.stride(2) == 1``. A model usually passes
+    ``h.transpose(1, 2)`` of a ``[B, T, D]`` activation, which is channel-last already."""
+    b, d, t = x.shape
+    cl = x.stride(1) == 1 and (x.stride(2) > 1 or t == 1)
+    cl_ok = cl and d % 8 == 0 and x.stride(2) % 8 == 0 and x.stride(0) % 8 == 0
+    if need_channel_last:
+        return x if cl_ok else _channel_last(x)
+    if cl_ok or (x.stride(2) == 1 and not cl):
+        return x
+    return x.contiguous()
+
+
 def kernel_limitation(x, weight, initial_state, reset) -> str | None:
     d, w = weight.shape
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -47,14 +61,12 @@ def causal_conv1d_cuda(x, weight, bias=None, initial_state=None, reset=None, act
     w = weight.shape[1]
     bias_ = bias.to(weight.dtype).contiguous() if bias is not None else None
     seq_idx = None
-    xin = x
     init = None
     if reset is not None:
         seq_idx = torch.cumsum(reset, dim=1, dtype=torch.int32).contiguous()
-        xin = _channel_last(x)
     if initial_state is not None:
-        xin = _channel_last(x)
-        init = initial_state.to(x.dtype).transpose(1, 2).contiguous().transpose(1, 2)
+        init = _channel_last(initial_state.to(x.dtype))
+    xin = _kernel_input(x, need_channel_last=reset is not None or initial_state is not None)
     out = fn(xin, weight.contiguous(), bias_, seq_idx=seq_idx, initial_states=init, activation=activation)
     final = conv_final_state(x, initial_state, reset, w, dtype=torch.float32)
     return out.to(x.dtype), final

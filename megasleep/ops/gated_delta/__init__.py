@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .. import _peers
-from .._common import needs_grad, use_cuda
+from .._common import needs_grad, use_cuda, warn_once
 from .chunk import gdn_chunk
 from .naive import gdn_naive, gdn_step_torch
 
@@ -19,9 +19,14 @@ def gated_delta_rule(q, k, v, g, beta, scale=None, initial_state=None, reset=Non
     if backend == "auto" and q.dtype == torch.float64:
         backend = "torch"  # the Triton kernels do not take fp64
     if use_cuda(backend, q, _peers.fla_chunk_gated_delta_rule, "gated_delta_rule"):
-        from .cuda import gdn_cuda
+        bad_bwd = _peers.fla_gdn_backward_problem() if needs_grad(q, k, v, g, beta, initial_state) else None
+        if bad_bwd is None:
+            from .cuda import gdn_cuda
 
-        return gdn_cuda(q, k, v, g, beta, scale, initial_state, reset, chunk_size=chunk_size)
+            return gdn_cuda(q, k, v, g, beta, scale, initial_state, reset, chunk_size=chunk_size)
+        if backend == "cuda":
+            raise RuntimeError(f"gated_delta_rule: backend='cuda' cannot give gradients here: {bad_bwd}")
+        warn_once("gdn-bwd", f"gated_delta_rule: {bad_bwd}; using the torch chunk path when gradients are needed")
     return gdn_chunk(q, k, v, g, beta, scale, initial_state, reset, chunk_size=chunk_size)
 
 

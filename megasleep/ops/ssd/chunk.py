@@ -1,23 +1,23 @@
 """Chunked SSD (Mamba-2 scan) in pure PyTorch: O(T) work, chunk-parallel matmuls, exact resets.
 
-Derivation (per head; ``a_t = dt_t * A`` is the log-decay, ``-inf`` at a reset; the chunk has
-positions ``0..Q-1``, ``S_in`` is the state entering it; ``seg[i, j] = sum_{k=j+1}^{i} a_k``):
+Derivation (per head; ``a_t = dt_t * A`` is the log-decay; one chunk holds positions ``0..Q-1``
+and ``S_in`` is the state entering it; ``seg[i, j] = sum_{k=j+1}^{i} a_k``, ``cum_i = sum_{k<=i} a_k``):
 
-    S_i  = exp(sum_{k<=i} a_k) S_in + sum_{j<=i} exp(seg[i, j]) dt_j x_j B_j^T
-    y_i  = C_i^T S_i^T ... written per output channel p:
-    y_i  = exp(cum_i) (S_in C_i)  +  sum_{j<=i} exp(seg[i, j]) (C_i . B_j) dt_j x_j  +  D x_i
+    S_i = exp(cum_i) S_in + sum_{j<=i} exp(seg[i, j]) dt_j x_j B_j^T
+    y_i = exp(cum_i) S_in C_i + sum_{j<=i} exp(seg[i, j]) (C_i . B_j) dt_j x_j + D x_i
 
 * intra-chunk ("diagonal block"): ``Y_diag = (L * (C B^T)) @ (dt x)`` with ``L = exp(seg)``
-  (lower triangular, Q x Q) -- one batched matmul per chunk; ``C B^T`` is computed once per group.
-* chunk states: ``states = (dt x * exp(seg[Q-1, :]))^T @ B`` (the last row of ``L``).
-* inter-chunk recurrence (sequential over T/Q chunks, O(T) in total):
+  (lower triangular, Q x Q): one batched matmul; ``C B^T`` is computed once per *group*.
+* chunk states: ``states = (dt x * L[Q-1, :])^T @ B`` (the last row of ``L`` = decay to chunk end).
+* inter-chunk recurrence, sequential over the T/Q chunks (O(T) in total):
   ``S_in[c+1] = exp(cum_{Q-1}[c]) S_in[c] + states[c]``.
 * off-diagonal output: ``Y_off = exp(cum) * (C @ S_in^T)``.
 
-All decays come from the masked-cumsum ``segsum`` (last row = decay to chunk end) and the plain
-inclusive cumsum (decay from chunk start): no difference of cumsums is ever taken, so a reset
-(``a_t = -inf``) yields exact zeros and never ``-inf - (-inf) = NaN``. The tail is padded with
-``dt = 0`` (decay 1, no input), which leaves the final state unchanged.
+Resets: a reset at ``r`` means no decay path crosses ``r``: ``L[i, j] = 0`` when a reset lies in
+``(j, i]``, ``exp(cum_i) = 0`` once a reset occurred in the chunk at or before ``i``. We get these
+exact zeros from a document mask (``_common.chunk_decays``) rather than ``-inf`` log-decays; the
+segment sums are masked cumsums (never differences of cumsums). The tail is padded with ``dt = 0``
+(decay 1, no input), which leaves the final state unchanged.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._common import apply_reset_to_logdecay, check_reset, compute_dtype, segsum
+from .._common import apply_reset_to_logdecay, check_reset, chunk_decays, chunk_doc_index, compute_dtype
 from .naive import _check
 
 
@@ -55,18 +55,22 @@ def ssd_chunk(x, dt, A, B, C, D=None, initial_state=None, reset=None, chunk_size
         la = F.pad(la, (0, 0, 0, pad))
         Bf = F.pad(Bf, (0, 0, 0, 0, 0, pad))
         Cf = F.pad(Cf, (0, 0, 0, 0, 0, pad))
+        if reset is not None:
+            reset = F.pad(reset, (0, pad))
+    doc = chunk_doc_index(reset, nc, q)  # [b,c,Q] or None
+    if doc is not None:
+        doc = doc[:, :, None, None, :]  # broadcast over [g, r]
 
-    # layouts: [b, c, g, rep, Q, *] for per-head tensors and [b, c, g, 1, Q, n] for B, C
-    xdt = xdt.view(b, nc, q, g, rep, p).permute(0, 1, 3, 4, 2, 5)  # [b,c,g,r,Q,p]
-    la = la.view(b, nc, q, g, rep).permute(0, 1, 3, 4, 2)  # [b,c,g,r,Q]
-    Bc = Bf.view(b, nc, q, g, n).permute(0, 1, 3, 2, 4).unsqueeze(3)  # [b,c,g,1,Q,n]
-    Cc = Cf.view(b, nc, q, g, n).permute(0, 1, 3, 2, 4).unsqueeze(3)
+    # layouts [b, c, g, r, Q, *] (per head) and [b, c, g, 1, Q, n] (B, C: per group); made
+    # contiguous once instead of a hidden copy in every matmul that reads them
+    xdt = xdt.view(b, nc, q, g, rep, p).permute(0, 1, 3, 4, 2, 5).contiguous()
+    la = la.view(b, nc, q, g, rep).permute(0, 1, 3, 4, 2)
+    Bc = Bf.view(b, nc, q, g, n).permute(0, 1, 3, 2, 4).unsqueeze(3).contiguous()
+    Cc = Cf.view(b, nc, q, g, n).permute(0, 1, 3, 2, 4).unsqueeze(3).contiguous()
 
-    L = torch.exp(segsum(la))  # [b,c,g,r,Q,Q]
-    cum = torch.cumsum(la, dim=-1)  # inclusive; -inf after a reset inside the chunk
-    decay_in = torch.exp(cum)  # decay from chunk start to position i
+    L, decay_in = chunk_decays(la, doc)  # [b,c,g,r,Q,Q], [b,c,g,r,Q]
     decay_chunk = decay_in[..., -1]  # [b,c,g,r]
-    decay_out = L[..., -1, :]  # decay from position j to chunk end, [b,c,g,r,Q]
+    decay_out = L[..., -1, :]  # decay from position j to the chunk end
 
     CB = Cc @ Bc.transpose(-1, -2)  # [b,c,g,1,Q,Q], once per group
     y = (CB * L) @ xdt  # intra-chunk, [b,c,g,r,Q,p]
@@ -77,9 +81,10 @@ def ssd_chunk(x, dt, A, B, C, D=None, initial_state=None, reset=None, chunk_size
     else:
         S = initial_state.to(cd).reshape(b, g, rep, p, n)
     s_in = []
-    for c in range(nc):
+    # unbind (not indexing) so that autograd does not materialise a full zero tensor per chunk
+    for dc, st in zip(decay_chunk[..., None, None].unbind(1), states.unbind(1)):
         s_in.append(S)
-        S = decay_chunk[:, c, ..., None, None] * S + states[:, c]
+        S = torch.addcmul(st, dc, S)
     s_in = torch.stack(s_in, dim=1)  # [b,c,g,r,p,n]
 
     y = y + (Cc @ s_in.transpose(-1, -2)) * decay_in[..., None]

@@ -25,6 +25,8 @@ def ssd_cuda(x, dt, A, B, C, D=None, initial_state=None, reset=None, chunk_size=
     fn, why = _peers.mamba_chunk_scan_combined()
     if fn is None:
         raise RuntimeError(f"SSD backend='cuda' unavailable: {why}")
+    # the chunk size only trades speed; the Triton kernels want a power of two >= 16
+    chunk_size = max(16, 1 << (max(int(chunk_size), 1) - 1).bit_length())
     seq_idx, init = _resets_to_seq_idx(reset, initial_state)
     if init is not None:
         init = init.float().contiguous()
@@ -54,5 +56,8 @@ def ssd_step_cuda(x, dt, A, B, C, D, state):
     A_ = A.float()[:, None, None].expand(h, p, n)
     dt_ = dt[..., None].expand(b, h, p)
     D_ = D[:, None].expand(h, p) if D is not None else None
-    y = fn(S, x, dt_, A_, B, C, D=D_)
+    # zero dt_bias, broadcast like A and dt: the kernel's "tied head dim" fast path reads
+    # dt_bias.stride() unconditionally once A and dt are broadcast (it crashes on None)
+    dt_bias = torch.zeros((), device=x.device, dtype=torch.float32).expand(h, p)
+    y = fn(S, x, dt_, A_, B, C, D=D_, dt_bias=dt_bias, dt_softplus=False)
     return y.to(x.dtype), S

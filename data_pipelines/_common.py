@@ -1,0 +1,22 @@
+"""Shared helpers of the data_pipelines CLIs (argument parsing only; the work is in megasleep.data)."""
+
+from __future__ import annotations
+
+import os
+
+import yaml
+
+
+def parse_params(items: list[str] | None) -> dict:
+    """``["n_max=50", "width=16"]`` -> {"n_max": 50, "width": 16} (values parsed as YAML)."""
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SystemExit(f"--param {item!r}: expected key=value")
+        k, v = item.split("=", 1)
+        out[k.strip()] = yaml.safe_load(v)
+    return out
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))

@@ -1,0 +1,160 @@
+"""The on-disk sample format (one WebDataset sample, readable by plain ``tar``) and its validation.
+
+A sample is four tar members sharing a key::
+
+    <key>.input_ids.npy   int32 [T]    token ids
+    <key>.loss_mask.npy   uint8 [T]    1 = token t is a target predicted from tokens < t (t=0 never)
+    <key>.doc_starts.npy  int32 [D]    positions where a document starts; first is 0, increasing
+    <key>.meta.json       {"task", "difficulty", "answer", "answer_positions", ...}
+
+In memory a sample is a dict ``{"input_ids", "loss_mask", "doc_starts", "meta"}`` of numpy arrays
+and a dict. :func:`encode_sample` / :func:`decode_sample` convert between the two; encoding is
+byte-deterministic (npy format, ``json.dumps(sort_keys=True)``).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+FIELDS = ("input_ids.npy", "loss_mask.npy", "doc_starts.npy", "meta.json")
+REQUIRED_META = ("task", "difficulty", "answer", "answer_positions")
+
+
+class MalformedSample(ValueError):
+    """A sample is missing a field or a field is malformed (the loader skips and counts it)."""
+
+
+def make_sample(
+    input_ids,
+    loss_mask,
+    meta: dict,
+    doc_starts=None,
+) -> dict:
+    """Build an in-memory sample with the canonical dtypes (and validate it)."""
+    s = {
+        "input_ids": np.asarray(input_ids, dtype=np.int32),
+        "loss_mask": np.asarray(loss_mask, dtype=np.uint8),
+        "doc_starts": np.asarray([0] if doc_starts is None else doc_starts, dtype=np.int32),
+        "meta": dict(meta),
+    }
+    validate_sample(s)
+    return s
+
+
+def _npy_bytes(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
+
+
+_HEADERS: dict[bytes, tuple[np.dtype, tuple, bool]] = {}
+
+
+def _npy_load(b: bytes) -> np.ndarray:
+    """Parse an .npy buffer (no pickles). Same result as ``np.lib.format.read_array`` but headers are
+    parsed once per distinct header (read_array's literal_eval dominated the loader's profile)."""
+    if b[:6] != b"\x93NUMPY" or len(b) < 10:
+        raise ValueError("not an .npy buffer")
+    if b[6] == 1:
+        hlen, off = int.from_bytes(b[8:10], "little"), 10
+    else:
+        hlen, off = int.from_bytes(b[8:12], "little"), 12
+    header = bytes(b[off : off + hlen])
+    parsed = _HEADERS.get(header)
+    if parsed is None:
+        import ast
+
+        d = ast.literal_eval(header.decode("latin1"))
+        dtype = np.dtype(d["descr"])
+        if dtype.hasobject:
+            raise ValueError("object arrays are not allowed")
+        parsed = (dtype, tuple(d["shape"]), bool(d["fortran_order"]))
+        if len(_HEADERS) < 4096:
+            _HEADERS[header] = parsed
+    dtype, shape, fortran = parsed
+    count = int(np.prod(shape)) if shape else 1
+    if len(b) - off - hlen != count * dtype.itemsize:
+        raise ValueError(f"npy payload has {len(b) - off - hlen} bytes, header says {count * dtype.itemsize}")
+    arr = np.frombuffer(b, dtype=dtype, count=count, offset=off + hlen)
+    return arr.reshape(shape, order="F" if fortran else "C")
+
+
+def meta_bytes(meta: dict) -> bytes:
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+
+
+def encode_sample(sample: dict, key: str) -> dict[str, Any]:
+    """In-memory sample -> WebDataset dict of bytes (what ``TarWriter.write`` takes)."""
+    if "." in key or "/" in key:
+        raise ValueError(f"sample key {key!r} must not contain '.' or '/' (webdataset splits on them)")
+    return {
+        "__key__": key,
+        "input_ids.npy": _npy_bytes(np.asarray(sample["input_ids"], dtype=np.int32)),
+        "loss_mask.npy": _npy_bytes(np.asarray(sample["loss_mask"], dtype=np.uint8)),
+        "doc_starts.npy": _npy_bytes(np.asarray(sample["doc_starts"], dtype=np.int32)),
+        "meta.json": meta_bytes(sample["meta"]),
+    }
+
+
+def decode_sample(raw: dict, vocab_size: int | None = None) -> dict:
+    """WebDataset dict of bytes -> validated in-memory sample. Raises :class:`MalformedSample`."""
+    missing = [f for f in FIELDS if f not in raw]
+    if missing:
+        present = sorted(k for k in raw if not k.startswith("__"))
+        raise MalformedSample(f"sample {raw.get('__key__')!r} lacks {missing} (has {present})")
+    try:
+        s = {
+            "input_ids": _npy_load(raw["input_ids.npy"]),
+            "loss_mask": _npy_load(raw["loss_mask.npy"]),
+            "doc_starts": _npy_load(raw["doc_starts.npy"]),
+            "meta": json.loads(raw["meta.json"]),
+        }
+    except Exception as exc:  # truncated npy, bad json, pickled object arrays, ...
+        raise MalformedSample(f"sample {raw.get('__key__')!r}: cannot decode ({type(exc).__name__}: {exc})") from None
+    validate_sample(s, vocab_size=vocab_size, key=raw.get("__key__"))
+    return s
+
+
+def validate_sample(s: dict, vocab_size: int | None = None, key: str | None = None) -> None:
+    """Check shapes, dtypes and the loss-mask / doc-start invariants; raise :class:`MalformedSample`."""
+    name = key or s.get("meta", {}).get("key") or "?"
+    ids, mask, starts, meta = s["input_ids"], s["loss_mask"], s["doc_starts"], s["meta"]
+
+    def bad(msg: str):
+        raise MalformedSample(f"sample {name!r}: {msg}")
+
+    if ids.ndim != 1 or ids.size == 0 or not np.issubdtype(ids.dtype, np.integer):
+        bad(f"input_ids must be a non-empty 1-D integer array, got {ids.dtype} {ids.shape}")
+    if mask.shape != ids.shape:
+        bad(f"loss_mask shape {mask.shape} != input_ids shape {ids.shape}")
+    if mask.dtype != np.uint8 and mask.dtype != np.bool_:
+        bad(f"loss_mask dtype {mask.dtype} (want uint8)")
+    if mask.size and (mask.max() > 1):
+        bad("loss_mask values must be 0/1")
+    if mask[0]:
+        bad("loss_mask[0] is set: position 0 is never a target")
+    if ids.min() < 0 or (vocab_size is not None and ids.max() >= vocab_size):
+        bad(f"token ids out of range [0, {vocab_size}) (min {ids.min()}, max {ids.max()})")
+    if starts.ndim != 1 or starts.size == 0 or not np.issubdtype(starts.dtype, np.integer):
+        bad(f"doc_starts must be a non-empty 1-D integer array, got {starts.dtype} {starts.shape}")
+    if starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= ids.size:
+        bad(f"doc_starts must start at 0, increase, and stay < {ids.size}: {starts[:8].tolist()}")
+    if not isinstance(meta, dict):
+        bad(f"meta.json must be an object, got {type(meta).__name__}")
+    missing = [k for k in REQUIRED_META if k not in meta]
+    if missing:
+        bad(f"meta lacks {missing}")
+    pos = meta["answer_positions"]
+    if not isinstance(pos, list) or any((not isinstance(p, int)) or p <= 0 or p >= ids.size for p in pos):
+        bad("meta.answer_positions must be a list of target positions in (0, T)")
+
+
+def doc_ids_from_starts(starts: np.ndarray, length: int) -> np.ndarray:
+    """[T] document number of every position (0 for the first document)."""
+    marks = np.zeros(length, dtype=np.int64)
+    marks[np.asarray(starts[1:], dtype=np.int64)] = 1
+    return np.cumsum(marks)

@@ -1,0 +1,1 @@
+"""Tests of megasleep.data (tokenizers, task generators, shards, loader)."""
