@@ -9,7 +9,6 @@ import pytest
 
 from megasleep.models import load_model_config
 from megasleep.models.info import SPEC_PARAMS, count
-
 from tests.conftest import ROOT
 
 CONFIGS = sorted((ROOT / "configs" / "models").glob("*.yaml"))

@@ -8,7 +8,6 @@ import torch.nn.functional as F
 
 from megasleep.models import MixContext
 from megasleep.sleep import SleepConfig, SleepRunner, sleep_forward
-
 from tests.conftest import tiny_model
 
 PATTERNS = ["AGMA", "GAMG", "MAGMA"]
