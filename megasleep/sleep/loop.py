@@ -118,6 +118,19 @@ class SleepRunner:
                 break
         return h, caches, used
 
+    def end_window(self, h: Tensor, caches: Caches, ctx: MixContext, start_short: list[LayerCache],
+                   passes: int) -> tuple[Caches, int]:
+        """Sleep passes 2..N, then put back the wake pass's short-term memory (what the next window
+        inherits). Shared by the chunked forward and the streaming engine."""
+        core = self.model.core_idx
+        if passes <= 1:
+            return caches, 1
+        wake_short = [caches[i].short_term() for i in core]
+        _, caches, used = self.sleep(h, caches, ctx, start_short, passes)
+        for i, short in zip(core, wake_short):
+            caches[i] = caches[i].with_short_term(short)
+        return caches, used
+
     def evict(self, caches: Caches) -> Caches:
         """Window boundary: hard drops all short-term memory, sliding keeps the last L-1 keys."""
         return [c.evict(self.cfg.eviction, self.cfg.window) for c in caches]
@@ -166,12 +179,9 @@ class SleepRunner:
             if logits is not None:
                 logits_out.append(logits)
             used = 1
-            if e < T and passes > 1:
-                wake_short = [caches[i].short_term() for i in model.core_idx]
-                h, caches, used = self.sleep(h, caches, ctx, start_short, passes)
+            if e < T:
+                caches, used = self.end_window(h, caches, ctx, start_short, passes)
                 forwards += used - 1
-                for i, short in zip(model.core_idx, wake_short):
-                    caches[i] = caches[i].with_short_term(short)
             passes_used.append(used)
             if e < T:
                 caches = self.evict(caches)

@@ -29,7 +29,8 @@ def conv_final_state(x, initial_state=None, reset=None, width=4, dtype=None):
     cd = dtype or compute_dtype(x, initial_state)
     w1 = width - 1
     init = x.new_zeros(b, d, w1, dtype=cd) if initial_state is None else initial_state.to(cd)
-    xs = torch.cat([init, x.to(cd)], dim=-1)[..., -w1:] if w1 > 0 else init
+    # contiguous: a view would keep the whole [B, D, W-1+T] input alive inside a decoding cache
+    xs = torch.cat([init, x.to(cd)], dim=-1)[..., -w1:].contiguous() if w1 > 0 else init
     if reset is not None and w1 > 0 and t > 0:
         start = _doc_start(reset, width)[:, -1]  # [B]
         pos = torch.arange(t - w1, t, device=x.device)  # input positions held by the state
