@@ -1,0 +1,34 @@
+"""`megasleep demo --quick`: the whole `make demo` pipeline (shards -> train N=1 and N=2 -> evaluate at
+N=1,2,4 -> table, plot, summary) at smoke size, on one CPU rank. The full demo is measured by hand
+(its time and table are in docs/training.md)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+from tests.train.helpers import PY, ROOT, env
+
+
+def test_demo_quick(tmp_path):
+    out = tmp_path / "demo"
+    p = subprocess.run([PY, "-m", "megasleep.cli", "demo", "--quick", "--ranks", "1", "--steps", "4", "--out", str(out)],
+                       cwd=ROOT, env=env(), capture_output=True, text=True, timeout=400)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["passes"] for r in summary["runs"]] == [1, 2]
+    for r in summary["runs"]:
+        assert r["steps"] == 4 and set(r["eval"]) == {"N=1", "N=2", "N=4"}
+        for res in r["eval"].values():
+            assert 0.0 <= res["accuracy"] <= 1.0 and set(res["by_difficulty"]) == {"0", "1", "2", "3"}
+    assert (out / "demo.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| trained N=1 | all |" in p.stdout and "| trained N=2 | all |" in p.stdout
+    assert (out / "train-N2" / "export" / "model.safetensors").is_file()
+    # the shards are reused by a second demo with the same settings (and rebuilt otherwise)
+    from megasleep.demo import build_shards
+
+    stamp = (out / "data" / "demo-data.json").read_text()
+    before = (out / "data" / "train" / "manifest.json").stat().st_mtime_ns
+    assert build_shards(out, 2_000, 96) == out / "data"
+    assert (out / "data" / "train" / "manifest.json").stat().st_mtime_ns == before
+    assert (out / "data" / "demo-data.json").read_text() == stamp
