@@ -98,26 +98,30 @@ def next_tokens(runner: CollectingRunner, seqs: list[list[int]], pad_id: int = 0
     return [int(preds[r, len(s) - 1]) for r, s in enumerate(seqs)]
 
 
+def greedy_stream(model, sleep_cfg: SleepConfig, prefix: list[int], max_steps: int,
+                  stop_ids: set[int] | None = None):
+    """Greedy continuation of ``prefix`` through the streaming engine (prefill, then one wake step per
+    token; it gives the chunked sleep forward's logits, SPEC §3). Yields up to ``max_steps`` tokens and
+    stops after a token in ``stop_ids``."""
+    from megasleep.inference import Session
+
+    if max_steps <= 0:
+        return
+    session = Session(model, sleep_cfg, batch=1, device=_device_of(model))
+    with torch.no_grad():
+        logits = session.feed([prefix], logits="last")
+        for i in range(max_steps):
+            tok = int(logits[0].argmax())
+            yield tok
+            if (stop_ids and tok in stop_ids) or i + 1 == max_steps:
+                return
+            logits = session.step([tok])
+
+
 def greedy_generate(model, sleep_cfg: SleepConfig, prefixes: list[list[int]], steps: list[int], pad_id: int = 0,
                     batch_size: int = 8, stop_ids: set[int] | None = None) -> list[list[int]]:
-    """Greedy continuation of each prefix for ``steps[i]`` tokens under the sleep forward.
-
-    Each new token re-runs the chunked sleep forward over prefix + generated tokens (the streaming
-    engine gives the same logits, SPEC §3); cost O(steps x length), fine for short answers."""
-    out: list[list[int]] = [[] for _ in prefixes]
-    active = [i for i, n in enumerate(steps) if n > 0]
-    runner = CollectingRunner(model, sleep_cfg)
-    while active:
-        nxt = []
-        for b in range(0, len(active), batch_size):
-            idx = active[b:b + batch_size]
-            toks = next_tokens(runner, [prefixes[i] + out[i] for i in idx], pad_id)
-            for i, tok in zip(idx, toks):
-                out[i].append(tok)
-                if len(out[i]) < steps[i] and not (stop_ids and tok in stop_ids):
-                    nxt.append(i)
-        active = nxt
-    return out
+    """Greedy continuation of each prefix for ``steps[i]`` tokens (see :func:`greedy_stream`)."""
+    return [list(greedy_stream(model, sleep_cfg, p, n, stop_ids)) for p, n in zip(prefixes, steps)]
 
 
 def _answer_span(meta: dict) -> list[int]:
@@ -307,5 +311,5 @@ def evaluate(model, data: EvalData, settings: EvalSettings, tokenizer=None) -> t
     return results, records
 
 
-__all__ = ["CollectingRunner", "EvalSettings", "evaluate", "evaluate_passes", "greedy_generate", "next_tokens",
+__all__ = ["CollectingRunner", "EvalSettings", "evaluate", "evaluate_passes", "greedy_generate", "greedy_stream", "next_tokens",
            "summarize"]

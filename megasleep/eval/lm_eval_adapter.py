@@ -158,7 +158,7 @@ class MegasleepLM(TemplateLM):
         return res
 
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        from megasleep.eval.harness import next_tokens
+        from megasleep.eval.harness import greedy_stream
 
         try:
             from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
@@ -183,8 +183,7 @@ class MegasleepLM(TemplateLM):
             prompt = self._with_bos(self.tok_encode(context))
             gen: list[int] = []
             text = ""
-            for _ in range(int(kw["max_gen_toks"])):
-                tok = next_tokens(self.runner, [prompt + gen])[0]
+            for tok in greedy_stream(self.model, self.sleep, prompt, int(kw["max_gen_toks"])):
                 if tok == self.eot_token_id:
                     break
                 gen.append(tok)

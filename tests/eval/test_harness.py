@@ -249,13 +249,32 @@ def test_gsm_generation_scoring(tmp_path):
 
 
 def test_generation_matches_teacher_forcing_on_a_known_predictor(r110):
-    """greedy_generate (re-running the sleep forward per token) agrees with the constant model."""
+    """greedy_generate (streaming engine) agrees with the constant model."""
     from megasleep.eval.harness import greedy_generate
 
     one = r110["tok"].piece_to_id("1")
     m = _constant_model(r110["tok"].vocab_size, one)
     out = greedy_generate(m, SleepConfig(window=4, passes=2), [[3, 4, 5], [4] * 9], [2, 5], batch_size=1)
     assert out == [[one] * 2, [one] * 5]
+
+
+@pytest.mark.parametrize("eviction", ["hard", "sliding"])
+def test_streamed_generation_equals_rerunning_the_chunked_forward(eviction):
+    """The engine-based greedy generation gives the tokens that re-running the sleep forward gives."""
+    from megasleep.eval.harness import CollectingRunner, greedy_generate, next_tokens
+    from tests.conftest import tiny_model
+
+    torch.manual_seed(3)
+    model = tiny_model("AGMA", vocab=29)
+    cfg = SleepConfig(window=5, passes=2, eviction=eviction)
+    prefixes = [torch.randint(0, 29, (n,)).tolist() for n in (3, 11)]
+    got = greedy_generate(model, cfg, prefixes, [6, 4])
+    runner = CollectingRunner(model, cfg)
+    for prefix, out, n in zip(prefixes, got, [6, 4]):
+        ref: list[int] = []
+        for _ in range(n):
+            ref.append(next_tokens(runner, [prefix + ref])[0])
+        assert out == ref
 
 
 def test_bad_inputs(r110, depo, tmp_path, capsys):
