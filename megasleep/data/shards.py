@@ -36,6 +36,16 @@ GZ_PATTERN = "shard-%06d.tar.gz"
 TAR_KW = dict(mtime=0, user="megasleep", group="megasleep", mode=0o444, encoder=False)
 
 
+
+def _tokenizer_and_totals(tok, shard_records: list[dict]) -> dict:
+    """Manifest fields every dataset kind shares: the tokenizer's identity and the summed counts."""
+    return {
+        "tokenizer": {**tok.info(), "path": str(tok.path)},
+        "num_samples": sum(r["samples"] for r in shard_records),
+        "num_tokens": sum(r["tokens"] for r in shard_records),
+        "num_target_tokens": sum(r["targets"] for r in shard_records),
+    }
+
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
@@ -187,10 +197,7 @@ def build_task_split(
         "difficulty": {"name": spec.difficulty_name, "values": diffs, "histogram": diff_hist},
         "seed": int(seed),
         "split": split,
-        "tokenizer": {**tok.info(), "path": str(tok.path)},
-        "num_samples": sum(s["samples"] for s in shards),
-        "num_tokens": sum(s["tokens"] for s in shards),
-        "num_target_tokens": sum(s["targets"] for s in shards),
+        **_tokenizer_and_totals(tok, shards),
         "shards": shards,
     }
     write_manifest(out, manifest)
@@ -454,10 +461,7 @@ def build_text_dataset(
         "sources": [{"path": f, "bytes": Path(f).stat().st_size} for f in files],
         "documents": stats.get("documents", 0),
         "skipped_documents": stats.get("skipped", 0),
-        "tokenizer": {**tok.info(), "path": str(tok.path)},
-        "num_samples": sum(r["samples"] for r in records),
-        "num_tokens": sum(r["tokens"] for r in records),
-        "num_target_tokens": sum(r["targets"] for r in records),
+        **_tokenizer_and_totals(tok, records),
         "shards": records,
     }
     write_manifest(out, manifest)
@@ -520,10 +524,7 @@ def import_gsm_official(
         "sources": [{"path": p, "bytes": Path(p).stat().st_size} for p in paths],
         "rows": rows,
         "skipped_rows": skipped,
-        "tokenizer": {**tok.info(), "path": str(tok.path)},
-        "num_samples": sum(r["samples"] for r in records),
-        "num_tokens": sum(r["tokens"] for r in records),
-        "num_target_tokens": sum(r["targets"] for r in records),
+        **_tokenizer_and_totals(tok, records),
         "shards": records,
     }
     write_manifest(out, manifest)
