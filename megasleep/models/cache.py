@@ -42,10 +42,6 @@ class LayerCache:
                            doc=None if self.doc is None else self.doc[:, start:])
         return self
 
-    def tensors(self) -> list[Tensor]:
-        out = [t for t in (self.ssm, self.k, self.v, self.pos, self.doc) if t is not None]
-        return out + list(self.conv or ())
-
 
 @dataclass
 class MixContext:

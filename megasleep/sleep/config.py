@@ -31,10 +31,6 @@ class SleepConfig(StrictModel):
                 raise ValueError(f"random_passes={list(self.random_passes)}: need 1 <= lo <= hi")
         return self
 
-    @property
-    def max_passes(self) -> int:
-        return self.random_passes[1] if self.random_passes else self.passes
-
     def passes_for_step(self, step: int | None) -> int:
         """N for this step. Random N is drawn from a generator seeded by (seed, step) alone, so every
         rank draws the same N and a resumed run replays the same sequence (Huginn's habit)."""

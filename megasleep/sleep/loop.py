@@ -64,9 +64,9 @@ class SleepRunner:
         self.backend = backend or model.config.kernels
 
     # -- the pieces, each small ---------------------------------------------------------------------
-    def context(self, s: int, e: int, offset: int, doc_ids, reset, device) -> MixContext:
-        """Context of tokens [s, e) of this call; ``offset`` = absolute position of the call's token 0."""
-        return MixContext.for_span(offset + s, offset + e, self.cfg.window, self.cfg.eviction,
+    def context(self, s: int, e: int, doc_ids, reset, device) -> MixContext:
+        """Context of tokens [s, e) of the sequence (positions are absolute: windows start at 0)."""
+        return MixContext.for_span(s, e, self.cfg.window, self.cfg.eviction,
                                    None if doc_ids is None else doc_ids[:, s:e],
                                    None if reset is None else reset[:, s:e], self.backend, device)
 
@@ -137,8 +137,7 @@ class SleepRunner:
 
     # -- the loop -----------------------------------------------------------------------------------
     def __call__(self, input_ids: Tensor, loss_mask: Tensor | None = None, doc_ids: Tensor | None = None,
-                 step: int | None = None, return_logits: bool = False, caches: Caches | None = None,
-                 start: int = 0) -> SleepOutput:
+                 step: int | None = None, return_logits: bool = False, caches: Caches | None = None) -> SleepOutput:
         model, cfg, L = self.model, self.cfg, self.cfg.window
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [batch, time], got shape {tuple(input_ids.shape)}")
@@ -164,7 +163,7 @@ class SleepRunner:
         forwards = 0
         for s in range(0, T, L):
             e = min(s + L, T)
-            ctx = self.context(s, e, start, doc_ids, reset, device)
+            ctx = self.context(s, e, doc_ids, reset, device)
             h = model.embed(input_ids[:, s:e])
             h, caches = model.run_blocks(model.prelude_idx, h, caches, ctx)
             start_short = [caches[i].short_term() for i in model.core_idx]
