@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.megasleep-installed
 
-.PHONY: install demo test lint gpu-test clean
+.PHONY: install demo test lint gpu-test study-rule110 study-depo clean
 
 $(STAMP): pyproject.toml launch/install.sh
 	bash launch/install.sh $(VENV)
@@ -19,6 +19,13 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check megasleep tests benchmarks data_pipelines launch
+
+# The CPU studies of docs/results/ (issue 7): every (N, seed) through the real trainer, then the tables.
+study-rule110: $(STAMP)
+	$(PY) -m megasleep.cli study configs/studies/rule110-cpu.yaml
+
+study-depo: $(STAMP)
+	$(PY) -m megasleep.cli study configs/studies/depo-cpu.yaml
 
 gpu-test: $(STAMP)
 	$(PY) -m pytest -q -ra -m gpu tests

@@ -16,13 +16,10 @@ import argparse
 import json
 import os
 import shutil
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 
-from megasleep.train.config import DEFAULT_EXPERIMENT, REPO_ROOT
+from megasleep.train.config import DEFAULT_EXPERIMENT
 
 # The demo task (configs/experiments/tiny-demo.yaml): Rule 110 (SPEC §4) scaled down for a CPU — one
 # 24-bit string per sequence, L = 24 (the string sits alone in its window and is evicted before the
@@ -78,59 +75,25 @@ def build_shards(out: Path, n_train: int, n_val: int) -> Path:
     return data
 
 
-def _stream(proc: subprocess.Popen, prefix: str, sink) -> None:
-    for line in proc.stdout:
-        sink.write(line)
-        if line.startswith("[2") or "FutureWarning" in line or "return func(" in line:
-            continue  # library noise stays in the log file only
-        print(f"{prefix} {line}", end="", flush=True)
-
-
 def train_one(n: int, data: Path, out: Path, settings: dict, eval_passes: list[int], ranks: int,
               extra: list[str]) -> dict:
+    from megasleep.study.run import run_training
+
     run_dir = out / f"train-N{n}"
-    shutil.rmtree(run_dir, ignore_errors=True)
     overrides = [
-        f"run_dir={run_dir}", "data.source=shards", f"data.train={data / 'train'}", f"data.val={data / 'val'}",
+        "data.source=shards", f"data.train={data / 'train'}", f"data.val={data / 'val'}",
         "data.loader.num_workers=0", "data.loader.shuffle_buffer=200",
         f"sleep.passes={n}", f"train.steps={settings['steps']}", f"train.global_batch_size={settings['batch']}",
         f"train.micro_batch_size={settings['batch'] // ranks}", f"train.log_every={max(1, settings['steps'] // 50)}",
-        f"train.time_budget_minutes={settings['budget_minutes']}", "checkpoint.every=0", "checkpoint.resume=never",
+        f"train.time_budget_minutes={settings['budget_minutes']}", "checkpoint.every=0",
         f"eval.passes=[{','.join(map(str, eval_passes))}]", f"eval.samples={settings['val_samples']}",
         f"eval.batch_size={max(1, settings['val_samples'] // (3 * ranks))}", "logging.tensorboard=true", *extra]
-    if ranks > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-               "-m", "megasleep.train.cli", str(DEFAULT_EXPERIMENT), *overrides]
-    else:
-        cmd = [sys.executable, "-m", "megasleep.train.cli", str(DEFAULT_EXPERIMENT), *overrides]
     # one thread per rank unless told otherwise: more threads than free cores make OpenMP spin-wait
-    threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 2) // ranks))
-    env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS=threads)
-    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 2) // ranks))
     _log(f"training N={n}: {ranks} rank(s), {settings['steps']} steps of {settings['batch']} sequences "
          f"(log: {run_dir / 'train.log'})")
-    t0 = time.time()
-    with open(run_dir / "train.log", "w") as sink:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True, bufsize=1)
-        th = threading.Thread(target=_stream, args=(proc, f"  [N={n}]", sink), daemon=True)
-        th.start()
-        rc = proc.wait()
-        th.join(timeout=10)
-    seconds = time.time() - t0
-    if rc != 0:
-        raise RuntimeError(f"training N={n} failed (exit {rc}); see {run_dir / 'train.log'}")
-    status = json.loads((run_dir / "status.json").read_text())
-    ev = json.loads((run_dir / "eval.json").read_text())
-    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    train = [r for r in train if r.get("kind") == "train"]
-    tps = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]
-    return {"passes": n, "run_dir": str(run_dir), "seconds": round(seconds, 1), "steps": status["step"],
-            "ended_early": status.get("ended_early", False), "final_loss": status.get("loss"),
-            "tokens_per_s": sum(tps) / max(len(tps), 1), "eval": ev["results"],
-            "curve": [(r["step"], r["loss"]) for r in train]}
+    res = run_training(DEFAULT_EXPERIMENT, overrides, run_dir, ranks=ranks, threads=threads, prefix=f"  [N={n}]")
+    return {"passes": n, **res}
 
 
 def table(results: list[dict]) -> str:

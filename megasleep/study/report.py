@@ -1,0 +1,237 @@
+"""Tables, plots and the verdict of a study, from its runs' results.
+
+Intervals are Wilson 95% score intervals on exact-match counts. "Pooled" counts add the seeds of one N
+together: its interval covers sampling noise of the evaluation set only, so the per-seed columns are
+printed beside it to show the spread between training runs, which it does not cover.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+
+Z95 = 1.959964
+
+
+def wilson(correct: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion ``correct / n`` (0, 1 when n = 0)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _num(s: str):
+    try:
+        return (0, float(s))
+    except ValueError:
+        return (1, s)
+
+
+def counts(ev: dict, difficulty: str | None = None) -> tuple[float, int]:
+    """(correct, samples) of one evaluation (one N): overall, or for one difficulty bucket."""
+    buckets = ev.get("by_difficulty", {})
+    chosen = buckets.values() if difficulty is None else [buckets.get(difficulty, {})]
+    correct = total = 0.0
+    for b in chosen:
+        k = b.get("samples") or 0
+        correct += b.get("accuracy", 0.0) * k
+        total += k
+    return round(correct), int(total)
+
+
+def cell(correct: float, n: int) -> str:
+    if not n:
+        return "-"
+    lo, hi = wilson(correct, n)
+    return f"{correct / n:.3f} [{lo:.2f}, {hi:.2f}]"
+
+
+def own_n(run: dict) -> str:
+    """The N a model is scored at in the main table: its training N (the largest N for random N)."""
+    if run["passes"]:
+        return f"N={run['passes']}"
+    return max(run["eval"], key=lambda k: int(k.split("=")[1]))
+
+
+def group(results: list[dict]) -> dict[str, list[dict]]:
+    by = defaultdict(list)
+    for r in results:
+        by[r["label"]].append(r)
+    return dict(by)
+
+
+def pooled(runs: list[dict], n_key: str, difficulty: str | None = None) -> tuple[float, int]:
+    c = t = 0
+    for r in runs:
+        ci, ti = counts(r["eval"].get(n_key, {}), difficulty)
+        c += ci
+        t += ti
+    return c, t
+
+
+def main_table(results: list[dict], seeds: list[int]) -> str:
+    """Rows: trained N; columns: each seed and the pooled accuracy, all at the model's own N."""
+    head = "| trained | evaluated at | " + " | ".join(f"seed {s}" for s in seeds) + " | pooled |"
+    lines = [head, "|---|---|" + "---|" * (len(seeds) + 1)]
+    for label, runs in group(results).items():
+        n_key = own_n(runs[0])
+        by_seed = {r["seed"]: r for r in runs}
+        cells = [cell(*counts(by_seed[s]["eval"].get(n_key, {}))) if s in by_seed else "-" for s in seeds]
+        lines.append(f"| {label} | {n_key} | " + " | ".join(cells) + f" | {cell(*pooled(runs, n_key))} |")
+    return "\n".join(lines)
+
+
+def difficulty_table(results: list[dict], name: str) -> str:
+    """Rows: trained N (seeds pooled, at its own N); columns: difficulty."""
+    diffs = sorted({d for r in results for ev in r["eval"].values() for d in ev.get("by_difficulty", {})},
+                   key=_num)
+    lines = ["| trained | evaluated at | " + " | ".join(f"{name}={d}" for d in diffs) + " |",
+             "|---|---|" + "---|" * len(diffs)]
+    for label, runs in group(results).items():
+        n_key = own_n(runs[0])
+        lines.append(f"| {label} | {n_key} | " + " | ".join(cell(*pooled(runs, n_key, d)) for d in diffs) + " |")
+    return "\n".join(lines)
+
+
+def cross_table(results: list[dict]) -> str:
+    """Rows: trained N (seeds pooled); columns: N at evaluation."""
+    ns = sorted({k for r in results for k in r["eval"]}, key=lambda k: int(k.split("=")[1]))
+    lines = ["| trained | " + " | ".join(f"eval {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    for label, runs in group(results).items():
+        lines.append(f"| {label} | " + " | ".join(cell(*pooled(runs, n)) for n in ns) + " |")
+    return "\n".join(lines)
+
+
+def cost_table(results: list[dict]) -> str:
+    lines = ["| run | steps | tokens seen | wall time | tokens/s | final train loss |", "|---|---|---|---|---|---|"]
+    for r in results:
+        toks = f"{r['tokens_seen']:,}" if r.get("tokens_seen") is not None else "-"
+        lines.append(f"| {r['name']} | {r['steps']} | {toks} | {r['seconds'] / 60:.1f} min | "
+                     f"{r['tokens_per_s']:,.0f} | {r['final_loss']:.4f} |")
+    return "\n".join(lines)
+
+
+def verdict(results: list[dict], chance: float) -> list[str]:
+    """One sentence per trained N against N=1, decided by the pooled intervals (and said as such)."""
+    groups = group(results)
+    base = groups.get("N=1")
+    out = []
+    if base is None:
+        return ["(no N=1 model in this study: no comparison against the awake-only baseline)"]
+    c1, t1 = pooled(base, "N=1")
+    lo1, hi1 = wilson(c1, t1)
+    for label, runs in groups.items():
+        n_key = own_n(runs[0])
+        c, t = pooled(runs, n_key)
+        lo, hi = wilson(c, t)
+        if label != "N=1":
+            if lo > hi1:
+                rel = "above N=1 beyond the intervals"
+            elif hi < lo1:
+                rel = "below N=1 beyond the intervals"
+            else:
+                rel = "not separable from N=1 (intervals overlap)"
+            seeds_above = sum(counts(r["eval"].get(n_key, {}))[0] / max(counts(r["eval"].get(n_key, {}))[1], 1)
+                              > hi1 for r in runs)
+            rel += f"; {seeds_above} of {len(runs)} seed(s) individually above N=1's interval"
+        else:
+            rel = "baseline"
+        lo_c = "above chance" if lo > chance else "not above chance"
+        out.append(f"{label} at {n_key}: {c / max(t, 1):.3f} [{lo:.3f}, {hi:.3f}] — {rel}; {lo_c} "
+                   f"(chance {chance:g}).")
+    return out
+
+
+def plot(results: list[dict], path: Path, *, chance: float, name: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
+    groups = group(results)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, (label, runs) in enumerate(groups.items()):
+        color = colors[i % len(colors)]
+        for j, r in enumerate(runs):
+            if r["curve"]:
+                steps, loss = zip(*r["curve"])
+                axes[0].plot(steps, loss, color=color, alpha=0.8, ls="-" if j == 0 else "--",
+                             label=f"{label} seed {r['seed']}")
+        ns = sorted({k for r in runs for k in r["eval"]}, key=lambda k: int(k.split("=")[1]))
+        xs, ys, err = [], [], [[], []]
+        for n in ns:
+            c, t = pooled(runs, n)
+            if t:
+                lo, hi = wilson(c, t)
+                xs.append(int(n.split("=")[1]))
+                ys.append(c / t)
+                err[0].append(c / t - lo)
+                err[1].append(hi - c / t)
+        axes[1].errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=color, label=f"trained {label}")
+        n_key = own_n(runs[0])
+        diffs = sorted({d for r in runs for d in r["eval"].get(n_key, {}).get("by_difficulty", {})}, key=_num)
+        dx, dy, derr = [], [], [[], []]
+        for d in diffs:
+            c, t = pooled(runs, n_key, d)
+            if t:
+                lo, hi = wilson(c, t)
+                dx.append(float(d))
+                dy.append(c / t)
+                derr[0].append(c / t - lo)
+                derr[1].append(hi - c / t)
+        axes[2].errorbar(dx, dy, yerr=derr, marker="o", capsize=3, color=color, label=f"{label} at {n_key}")
+    axes[0].set(title="training loss (answer tokens)", xlabel="step", ylabel="cross-entropy")
+    axes[1].set(title="exact match vs N at evaluation (seeds pooled, 95% CI)", xlabel="N at evaluation",
+                ylabel="accuracy")
+    axes[2].set(title=f"exact match vs {name} (own N, seeds pooled, 95% CI)", xlabel=name, ylabel="accuracy")
+    for ax in axes[1:]:
+        ax.axhline(chance, color="gray", ls=":", lw=1, label=f"chance ({chance:g})")
+        ax.set_ylim(0, 1.02)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(cfg, results: list[dict], directory: Path, *, command: str, hardware: str,
+                 wall_seconds: float) -> Path:
+    """``results.md`` (tables + verdict), ``summary.json`` (everything but the loss curves), ``accuracy.png``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    png = directory / "accuracy.png"
+    plot(results, png, chance=cfg.chance, name=cfg.difficulty_name, title=f"megasleep study {cfg.name}")
+    train_minutes = sum(r["seconds"] for r in results) / 60
+    lines = [
+        f"# Study `{cfg.name}`: generated tables", "",
+        cfg.description.strip(), "",
+        f"- command: `{command}`",
+        f"- hardware: {hardware}",
+        f"- wall time of this invocation: {wall_seconds / 60:.1f} min; training time summed over runs: "
+        f"{train_minutes:.1f} min (runs reused from an earlier invocation count with their own time)",
+        f"- base experiment: `{cfg.experiment}` with `{' '.join(cfg.overrides)}`",
+        f"- evaluation: {cfg.eval_samples} validation samples per (model, N); exact match; chance {cfg.chance:g}; "
+        "[95% Wilson interval]", "",
+        "## Accuracy at the model's own N", "", main_table(results, cfg.seeds), "",
+        "## Verdict (pooled over seeds; computed, not written by hand)", "",
+        *[f"- {v}" for v in verdict(results, cfg.chance)], "",
+        f"## Accuracy by {cfg.difficulty_name} (own N, seeds pooled)", "",
+        difficulty_table(results, cfg.difficulty_name), "",
+        "## Every model at every N (seeds pooled)", "", cross_table(results), "",
+        "## Cost", "", cost_table(results), "",
+        f"![accuracy]({png.name})", ""]
+    md = directory / "results.md"
+    md.write_text("\n".join(lines))
+    summary = {"study": cfg.model_dump(), "command": command, "hardware": hardware,
+               "wall_seconds": round(wall_seconds, 1),
+               "runs": [{k: v for k, v in r.items() if k != "curve"} for r in results]}
+    (directory / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    return md

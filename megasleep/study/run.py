@@ -1,0 +1,102 @@
+"""Run a study: every (N, seed) through the real trainer, in parallel processes, resumable.
+
+A finished run leaves ``result.json`` in its run directory together with the overrides it was trained
+with; rerunning the study reuses it when the overrides match, so a study cut off half-way (a session
+limit, a preempted job) continues where it stopped, and changing a setting retrains what it changes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from megasleep.train.config import REPO_ROOT
+
+NOISE = ("FutureWarning", "return func(", "warnings.warn")
+
+
+def _log(msg: str) -> None:
+    print(f"[study] {msg}", flush=True)
+
+
+def _stream(proc: subprocess.Popen, prefix: str, sink, echo: bool) -> None:
+    for line in proc.stdout:
+        sink.write(line)
+        sink.flush()
+        if echo and not line.startswith("[2") and not any(n in line for n in NOISE):
+            print(f"{prefix} {line}", end="", flush=True)
+
+
+def run_training(experiment: Path, overrides: list[str], run_dir: Path, *, ranks: int = 1, threads: int = 1,
+                 prefix: str = "", echo: bool = True) -> dict:
+    """``megasleep train experiment overrides`` in a subprocess (``ranks`` CPU processes through
+    torchrun), logged to ``run_dir/train.log``. Returns what the run measured: steps, tokens seen,
+    wall time, tokens/s, final loss, the loss curve and the evaluation at every N (``eval.json``)."""
+    shutil.rmtree(run_dir, ignore_errors=True)
+    run_dir.mkdir(parents=True)
+    overrides = [f"run_dir={run_dir}", "checkpoint.resume=never", *overrides]
+    if ranks > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
+               "-m", "megasleep.train.cli", str(experiment), *overrides]
+    else:
+        cmd = [sys.executable, "-m", "megasleep.train.cli", str(experiment), *overrides]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    t0 = time.time()
+    with open(run_dir / "train.log", "w") as sink:
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        th = threading.Thread(target=_stream, args=(proc, prefix, sink, echo), daemon=True)
+        th.start()
+        rc = proc.wait()
+        th.join(timeout=10)
+    seconds = time.time() - t0
+    if rc != 0:
+        raise RuntimeError(f"training failed (exit {rc}); see {run_dir / 'train.log'}")
+    status = json.loads((run_dir / "status.json").read_text())
+    ev = json.loads((run_dir / "eval.json").read_text())
+    train = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in train if r.get("kind") == "train"]
+    tps = [r["tokens_per_s"] for r in train[1:]] or [r["tokens_per_s"] for r in train]
+    return {"run_dir": str(run_dir), "seconds": round(seconds, 1), "steps": status["step"],
+            "ended_early": status.get("ended_early", False), "final_loss": status.get("loss"),
+            "tokens_seen": train[-1].get("tokens_seen") if train else None,
+            "tokens_per_s": sum(tps) / max(len(tps), 1), "eval": ev["results"],
+            "curve": [(r["step"], r["loss"]) for r in train]}
+
+
+def run_study(cfg, runs, *, jobs: int = 1, fresh: bool = False, echo: bool = True) -> list[dict]:
+    """Train every run of ``runs`` (``megasleep.study.config.plan``), ``jobs`` at a time."""
+    out = cfg.path("out")
+    experiment = REPO_ROOT / cfg.experiment
+
+    def one(spec) -> dict:
+        run_dir = out / spec.dirname
+        done = run_dir / "result.json"
+        if not fresh and done.is_file():
+            prev = json.loads(done.read_text())
+            if prev.get("overrides") == spec.overrides:
+                _log(f"{spec.dirname}: reusing the finished run in {run_dir}")
+                return prev
+        _log(f"{spec.dirname}: training {spec.label}, seed {spec.seed} (log: {run_dir / 'train.log'})")
+        res = run_training(experiment, spec.overrides, run_dir, threads=cfg.threads,
+                           prefix=f"  [{spec.dirname}]", echo=echo and jobs == 1)
+        res.update(label=spec.label, passes=spec.passes, seed=spec.seed, name=spec.dirname,
+                   overrides=spec.overrides)
+        tmp = done.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res, indent=1))
+        os.replace(tmp, done)  # a run counts as finished only once its result is complete
+        _log(f"{spec.dirname}: {res['steps']} steps in {res['seconds'] / 60:.1f} min, final loss "
+             f"{res['final_loss']:.4f}")
+        return res
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(one, runs))

@@ -1,0 +1,128 @@
+"""`megasleep study`: the run plan (same data for every N of a seed), config errors, the interval maths,
+the computed verdict, and one small study end to end through the real trainer (with reuse of finished
+runs on a second invocation)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from megasleep.config import ConfigError
+from megasleep.study.config import StudyConfig, check_runs, load_study, plan
+from megasleep.study.report import counts, verdict, wilson, write_report
+from tests.train.helpers import PY, ROOT, env
+
+BASE = dict(name="t", experiment="configs/experiments/tiny-demo.yaml", passes=[1, 2], seeds=[0, 1],
+            eval_passes=[1, 2], chance=0.5)
+
+
+def test_wilson_matches_reference_values():
+    # reference values: statsmodels proportion_confint(method="wilson")
+    lo, hi = wilson(5, 10)
+    assert lo == pytest.approx(0.236593, abs=1e-5) and hi == pytest.approx(0.763407, abs=1e-5)
+    lo, hi = wilson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(0.277533, abs=1e-5)
+    lo, hi = wilson(90, 100)
+    assert lo == pytest.approx(0.825625, abs=1e-5) and hi == pytest.approx(0.944776, abs=1e-5)
+    assert wilson(0, 0) == (0.0, 1.0)
+
+
+def test_plan_gives_every_n_of_a_seed_the_same_data_and_differs_only_in_depth():
+    cfg = StudyConfig(**BASE, random_passes=(1, 4), overrides=["train.steps=5"])
+    runs = plan(cfg)
+    assert [r.dirname for r in runs] == ["N1-seed0", "N2-seed0", "N1-seed1", "N2-seed1", "Nrand-seed0"]
+    for seed in (0, 1):
+        same = [r for r in runs if r.seed == seed and r.passes]
+        strip = [[o for o in r.overrides if not o.startswith("sleep.passes=")] for r in same]
+        assert all(s == strip[0] for s in strip), "runs of one seed must differ only in sleep.passes"
+        assert all(f"data.task.seed={seed}" in r.overrides and f"train.seed={seed}" in r.overrides for r in same)
+    rand = runs[-1]
+    assert "sleep.random_passes=[1,4]" in rand.overrides and rand.label == "N~U[1,4]"
+    loaded = check_runs(cfg, runs, "<test>")
+    assert [c.sleep.passes for c in loaded[:2]] == [1, 2] and loaded[-1].sleep.random_passes == (1, 4)
+    assert loaded[2].data.task.seed == 1 and loaded[2].train.seed == 1
+
+
+def test_bad_study_configs_name_the_file_and_the_problem(tmp_path):
+    bad = tmp_path / "s.yaml"
+    bad.write_text("name: s\nexperiment: configs/experiments/tiny-demo.yaml\npasses: [1, 1]\nseeds: [0]\n"
+                   "eval_passes: [1]\nchance: 0.5\n")
+    with pytest.raises(ConfigError, match=r"s\.yaml.*passes.*distinct"):
+        load_study(bad)
+    bad.write_text("name: s\nexperiment: configs/experiments/tiny-demo.yaml\npasses: [1]\nseeds: [0]\n"
+                   "eval_passes: [1]\nchance: 0.5\noverrides: [sleep.pases=2]\n")
+    cfg = load_study(bad)
+    with pytest.raises(ConfigError, match=r"run N1-seed0.*sleep\.pases"):
+        check_runs(cfg, plan(cfg), str(bad))
+    bad.write_text("name: s\nexperiment: configs/experiments/nope.yaml\npasses: [1]\nseeds: [0]\n"
+                   "eval_passes: [1]\nchance: 0.5\n")
+    cfg = load_study(bad)
+    with pytest.raises(ConfigError, match="nope.yaml does not exist"):
+        check_runs(cfg, plan(cfg), str(bad))
+
+
+def _fake(label, passes, seed, acc_by_d, n_per_d=200):
+    key = f"N={passes or 4}"
+    buckets = {d: {"accuracy": a, "samples": n_per_d, "loss": 0.5} for d, a in acc_by_d.items()}
+    return {"label": label, "passes": passes, "seed": seed, "name": f"N{passes}-seed{seed}", "seconds": 60.0,
+            "steps": 10, "tokens_seen": 1000, "tokens_per_s": 100.0, "final_loss": 0.5,
+            "eval": {key: {"by_difficulty": buckets}}, "curve": [(1, 0.7), (10, 0.5)]}
+
+
+def test_verdict_is_decided_by_the_intervals(tmp_path):
+    results = [_fake("N=1", 1, 0, {"3": 0.50, "6": 0.50}), _fake("N=1", 1, 1, {"3": 0.52, "6": 0.48}),
+               _fake("N=2", 2, 0, {"3": 0.80, "6": 0.70}), _fake("N=2", 2, 1, {"3": 0.78, "6": 0.72}),
+               _fake("N=3", 3, 0, {"3": 0.53, "6": 0.51}), _fake("N=3", 3, 1, {"3": 0.50, "6": 0.50})]
+    assert counts(results[0]["eval"]["N=1"]) == (200, 400)
+    lines = verdict(results, 0.5)
+    assert "N=2 at N=2" in lines[1] and "above N=1 beyond the intervals" in lines[1] and "2 of 2 seed" in lines[1]
+    assert "not separable" in lines[2] and "not above chance" in lines[2]
+    cfg = StudyConfig(**{**BASE, "passes": [1, 2, 3]})
+    md = write_report(cfg, results, tmp_path, command="megasleep study x", hardware="test", wall_seconds=1.0)
+    text = md.read_text()
+    assert "| N=2 | N=2 | 0.750 [0.71, 0.79] | 0.750 [0.71, 0.79] | 0.750 [0.72, 0.78] |" in text
+    assert (tmp_path / "accuracy.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "summary.json").read_text())["runs"][0]["label"] == "N=1"
+
+
+def test_small_study_end_to_end_and_reuse_of_finished_runs(tmp_path):
+    study = tmp_path / "mini.yaml"
+    study.write_text(
+        "name: mini\nexperiment: configs/experiments/tiny-demo.yaml\n"
+        "overrides: [train.steps=3, train.global_batch_size=4, train.micro_batch_size=4, train.log_every=1,\n"
+        "  logging.tensorboard=false, logging.progress=false, checkpoint.export=false, eval.batch_size=8,\n"
+        "  data.task.difficulty=0-1]\n"
+        f"passes: [1, 2]\nseeds: [0]\neval_passes: [1, 2]\neval_samples: 8\nchance: 0.5\n"
+        f"out: {tmp_path / 'runs'}\nresults: {tmp_path / 'results'}\n")
+    cmd = [PY, "-m", "megasleep.cli", "study", str(study), "--jobs", "2"]
+    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    results = json.loads((tmp_path / "results" / "summary.json").read_text())["runs"]
+    assert [(r["name"], r["steps"]) for r in results] == [("N1-seed0", 3), ("N2-seed0", 3)]
+    for r in results:
+        assert set(r["eval"]) == {"N=1", "N=2"} and counts(r["eval"]["N=1"])[1] == 8
+        assert r["tokens_seen"] == 3 * 4 * 26  # 3 steps of 4 sequences of 24 bits + query + label
+    text = (tmp_path / "results" / "results.md").read_text()
+    assert "| N=2 | N=2 |" in text and "## Verdict" in text
+    # a second invocation reuses both finished runs; changing a setting retrains
+    p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0 and p.stdout.count("reusing the finished run") == 2, p.stdout[-2000:]
+    p = subprocess.run([*cmd, "--report-only", "--only", "N2-seed0"], cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and "N2-seed0" in p.stdout and "| N=1 |" not in p.stdout.split("## Cost")[0]
+    p = subprocess.run([*cmd, "--only", "N7-seed0"], cwd=ROOT, env=env(), capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode != 0 and "N7-seed0: no such run" in p.stderr
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.name)
+def test_committed_studies_load(path: Path):
+    cfg = load_study(path)
+    runs = plan(cfg)
+    check_runs(cfg, runs, str(path))
+    assert 1 in cfg.passes  # every study compares against the awake-only baseline
+    if cfg.name.startswith("rule110"):
+        assert len(cfg.seeds) >= 2 and {1, 2, 3, 4} <= set(cfg.passes)  # issue 7's floor for Rule 110
