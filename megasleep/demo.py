@@ -108,6 +108,8 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from megasleep.study.report import finish_figure
+
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for r in results:
         steps, loss = zip(*r["curve"]) if r["curve"] else ((), ())
@@ -125,17 +127,8 @@ def plot(results: list[dict], path: Path) -> None:
     axes[2].set(title="exact match vs rollout depth t", xlabel="Rule-110 steps t", ylabel="accuracy")
     axes[1].set_xticks(sorted({int(k.split("=")[1]) for r in results for k in r["eval"]}))
     axes[2].set_xticks(sorted({float(d) for r in results for v in r["eval"].values() for d in v["by_difficulty"]}))
-    for ax in axes[1:]:
-        ax.axhline(CHANCE, color="gray", ls=":", lw=1, label=f"chance ({CHANCE:g})")
-        ax.set_ylim(0, 1.02)
-    for ax in axes:
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle("megasleep demo: tiny AGAG model on Rule 110 (1 string, L=24, hard eviction), CPU, "
-                 "DeepSpeed ZeRO-1")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    finish_figure(fig, axes, path, chance=CHANCE, dpi=110, title="megasleep demo: tiny AGAG model on Rule 110 "
+                  "(1 string, L=24, hard eviction), CPU, DeepSpeed ZeRO-1")
 
 
 def main(args) -> int:

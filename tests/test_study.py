@@ -126,3 +126,28 @@ def test_committed_studies_load(path: Path):
     assert 1 in cfg.passes  # every study compares against the awake-only baseline
     if cfg.name.startswith("rule110"):
         assert len(cfg.seeds) >= 2 and {1, 2, 3, 4} <= set(cfg.passes)  # issue 7's floor for Rule 110
+
+
+def test_a_run_is_trained_by_one_invocation_at_a_time(tmp_path):
+    import subprocess as sp
+    import threading
+    import time
+
+    from megasleep.study.run import _claim
+
+    lock = tmp_path / ".N1-seed0.lock"
+    dead = sp.Popen(["true"])
+    dead.wait()
+    lock.write_text(str(dead.pid))  # left behind by a process that died: taken over at once
+    with _claim(lock, "N1-seed0", poll=0.05):
+        assert lock.read_text() == str(__import__("os").getpid())
+    assert not lock.exists()
+    owner = sp.Popen(["sleep", "30"])
+    try:
+        lock.write_text(str(owner.pid))  # held by a live process: wait until it lets go
+        threading.Timer(0.5, lock.unlink).start()
+        t0 = time.time()
+        with _claim(lock, "N1-seed0", poll=0.05):
+            assert time.time() - t0 >= 0.45
+    finally:
+        owner.kill()

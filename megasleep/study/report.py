@@ -191,6 +191,14 @@ def plot(results: list[dict], path: Path, *, chance: float, name: str, title: st
     axes[1].set(title="exact match vs N at evaluation (seeds pooled, 95% CI)", xlabel="N at evaluation",
                 ylabel="accuracy")
     axes[2].set(title=f"exact match vs {name} (own N, seeds pooled, 95% CI)", xlabel=name, ylabel="accuracy")
+    finish_figure(fig, axes, path, chance=chance, title=title)
+
+
+def finish_figure(fig, axes, path: Path, *, chance: float, title: str, dpi: int = 100) -> None:
+    """The common ending of the accuracy figures (study and demo): panels after the first are
+    accuracies, so they get the chance line and a 0..1 range; then legends, title, save."""
+    import matplotlib.pyplot as plt
+
     for ax in axes[1:]:
         ax.axhline(chance, color="gray", ls=":", lw=1, label=f"chance ({chance:g})")
         ax.set_ylim(0, 1.02)
@@ -199,7 +207,7 @@ def plot(results: list[dict], path: Path, *, chance: float, name: str, title: st
         ax.legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=dpi)
     plt.close(fig)
 
 

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 from megasleep.train.config import REPO_ROOT
@@ -81,11 +82,15 @@ def run_study(cfg, runs, *, jobs: int = 1, fresh: bool = False, echo: bool = Tru
     def one(spec) -> dict:
         run_dir = out / spec.dirname
         done = run_dir / "result.json"
-        if not fresh and done.is_file():
-            prev = json.loads(done.read_text())
-            if prev.get("overrides") == spec.overrides:
-                _log(f"{spec.dirname}: reusing the finished run in {run_dir}")
-                return prev
+        with _claim(out / f".{spec.dirname}.lock", spec.dirname):
+            if not fresh and done.is_file():
+                prev = json.loads(done.read_text())
+                if prev.get("overrides") == spec.overrides:
+                    _log(f"{spec.dirname}: reusing the finished run in {run_dir}")
+                    return prev
+            return train(spec, run_dir, done)
+
+    def train(spec, run_dir: Path, done: Path) -> dict:
         _log(f"{spec.dirname}: training {spec.label}, seed {spec.seed} (log: {run_dir / 'train.log'})")
         res = run_training(experiment, spec.overrides, run_dir, threads=cfg.threads,
                            prefix=f"  [{spec.dirname}]", echo=echo and jobs == 1)
@@ -98,5 +103,47 @@ def run_study(cfg, runs, *, jobs: int = 1, fresh: bool = False, echo: bool = Tru
              f"{res['final_loss']:.4f}")
         return res
 
+    out.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
         return list(pool.map(one, runs))
+
+
+@contextmanager
+def _claim(lock: Path, name: str, poll: float = 10.0):
+    """Hold ``lock`` (a file holding our pid) while a run is trained. Two invocations of one study (say
+    ``--only`` halves on two machines sharing the directory) then never train the same run at once: the
+    second waits for the first and reuses its result. A lock whose process is gone is taken over."""
+    waited = False
+    while True:
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and not _alive(pid):
+                lock.unlink(missing_ok=True)  # its owner died: take it over
+                continue
+            if not waited:
+                _log(f"{name}: being trained by process {pid or '?'}; waiting for it")
+                waited = True
+            time.sleep(poll)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        break
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
