@@ -81,7 +81,7 @@ def main(args) -> int:
 
     command = "megasleep study " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     md = write_report(cfg, results, Path(directory), command=command, hardware=hardware(),
-                      wall_seconds=time.time() - t0)
+                      wall_seconds=None if args.report_only else time.time() - t0)
     print(md.read_text())
     print(f"[study] tables: {md}")
     return 0

@@ -212,7 +212,7 @@ def finish_figure(fig, axes, path: Path, *, chance: float, title: str, dpi: int 
 
 
 def write_report(cfg, results: list[dict], directory: Path, *, command: str, hardware: str,
-                 wall_seconds: float) -> Path:
+                 wall_seconds: float | None) -> Path:
     """``results.md`` (tables + verdict), ``summary.json`` (everything but the loss curves), ``accuracy.png``."""
     directory.mkdir(parents=True, exist_ok=True)
     png = directory / "accuracy.png"
@@ -223,8 +223,10 @@ def write_report(cfg, results: list[dict], directory: Path, *, command: str, har
         cfg.description.strip(), "",
         f"- command: `{command}`",
         f"- hardware: {hardware}",
-        f"- wall time of this invocation: {wall_seconds / 60:.1f} min; training time summed over runs: "
-        f"{train_minutes:.1f} min (runs reused from an earlier invocation count with their own time)",
+        (f"- wall time of this invocation: {wall_seconds / 60:.1f} min; " if wall_seconds is not None else
+         "- tables rewritten from finished runs (`--report-only`); ") +
+        f"training time summed over runs: {train_minutes:.1f} min (each run's wall time, which grows when "
+        "runs share the cores)",
         f"- base experiment: `{cfg.experiment}` with `{' '.join(cfg.overrides)}`",
         f"- evaluation: {cfg.eval_samples} validation samples per (model, N); exact match; chance {cfg.chance:g}; "
         "[95% Wilson interval]", "",
@@ -239,7 +241,7 @@ def write_report(cfg, results: list[dict], directory: Path, *, command: str, har
     md = directory / "results.md"
     md.write_text("\n".join(lines))
     summary = {"study": cfg.model_dump(), "command": command, "hardware": hardware,
-               "wall_seconds": round(wall_seconds, 1),
+               "wall_seconds": None if wall_seconds is None else round(wall_seconds, 1),
                "runs": [{k: v for k, v in r.items() if k != "curve"} for r in results]}
     (directory / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return md
