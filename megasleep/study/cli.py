@@ -16,6 +16,7 @@ import platform
 import shlex
 import sys
 import time
+from pathlib import Path
 
 from megasleep.config import ConfigError
 
@@ -77,8 +78,6 @@ def main(args) -> int:
               f"runs in {cfg.path('out')}", flush=True)
         results = run_study(cfg, runs, jobs=jobs, fresh=args.fresh)
     directory = cfg.path("results") if args.results is None else args.results
-    from pathlib import Path
-
     command = "megasleep study " + " ".join(shlex.quote(a) for a in sys.argv[2:])
     md = write_report(cfg, results, Path(directory), command=command, hardware=hardware(),
                       wall_seconds=None if args.report_only else time.time() - t0)
