@@ -26,6 +26,9 @@ from megasleep.train.config import DEFAULT_EXPERIMENT
 # query), label = bit 0 after t Rule-110 steps, t in {0, 1, 2, 3}; chance 1/2. t = 0 only asks the model
 # to carry one bit across the eviction in its fast weights; every step of t adds a layer of Rule-110
 # computation over a wider neighbourhood. (The paper: 4 strings, t = 32, ~5B tokens; here ~1M.)
+# t is not marked in the input, so on mixed t the model can only learn answers that agree across depths
+# (the demo shows the pipeline, not a depth result); the CPU study of sleep vs depth trains one t:
+# configs/studies/rule110-cpu.yaml, docs/results/rule110-cpu.md.
 TASK_PARAMS = {"n_strings": 1, "width": 24}
 DIFFICULTY = "0-3"
 CHANCE = 0.5
