@@ -137,8 +137,7 @@ def verdict(results: list[dict], chance: float) -> list[str]:
                 rel = "below N=1 beyond the intervals"
             else:
                 rel = "not separable from N=1 (intervals overlap)"
-            seeds_above = sum(counts(r["eval"].get(n_key, {}))[0] / max(counts(r["eval"].get(n_key, {}))[1], 1)
-                              > hi1 for r in runs)
+            seeds_above = sum(_rate(*counts(r["eval"].get(n_key, {}))) > hi1 for r in runs)
             rel += f"; {seeds_above} of {len(runs)} seed(s) individually above N=1's interval"
         else:
             rel = "baseline"
@@ -146,6 +145,19 @@ def verdict(results: list[dict], chance: float) -> list[str]:
         out.append(f"{label} at {n_key}: {c / max(t, 1):.3f} [{lo:.3f}, {hi:.3f}] — {rel}; {lo_c} "
                    f"(chance {chance:g}).")
     return out
+
+
+def _rate(correct: float, n: int) -> float:
+    return correct / n if n else 0.0
+
+
+def _errorbar(ax, points: list[tuple[float, tuple[float, int]]], color, label: str) -> None:
+    """Accuracy points ``(x, (correct, n))`` with their Wilson intervals as error bars."""
+    points = [(x, c, n) for x, (c, n) in points if n]
+    ys = [c / n for _, c, n in points]
+    bounds = [wilson(c, n) for _, c, n in points]
+    err = [[y - lo for y, (lo, _) in zip(ys, bounds)], [hi - y for y, (_, hi) in zip(ys, bounds)]]
+    ax.errorbar([x for x, _, _ in points], ys, yerr=err, marker="o", capsize=3, color=color, label=label)
 
 
 def plot(results: list[dict], path: Path, *, chance: float, name: str, title: str) -> None:
@@ -165,28 +177,10 @@ def plot(results: list[dict], path: Path, *, chance: float, name: str, title: st
                 axes[0].plot(steps, loss, color=color, alpha=0.8, ls="-" if j == 0 else "--",
                              label=f"{label} seed {r['seed']}")
         ns = sorted({k for r in runs for k in r["eval"]}, key=lambda k: int(k.split("=")[1]))
-        xs, ys, err = [], [], [[], []]
-        for n in ns:
-            c, t = pooled(runs, n)
-            if t:
-                lo, hi = wilson(c, t)
-                xs.append(int(n.split("=")[1]))
-                ys.append(c / t)
-                err[0].append(c / t - lo)
-                err[1].append(hi - c / t)
-        axes[1].errorbar(xs, ys, yerr=err, marker="o", capsize=3, color=color, label=f"trained {label}")
+        _errorbar(axes[1], [(int(n.split("=")[1]), pooled(runs, n)) for n in ns], color, f"trained {label}")
         n_key = own_n(runs[0])
         diffs = sorted({d for r in runs for d in r["eval"].get(n_key, {}).get("by_difficulty", {})}, key=_num)
-        dx, dy, derr = [], [], [[], []]
-        for d in diffs:
-            c, t = pooled(runs, n_key, d)
-            if t:
-                lo, hi = wilson(c, t)
-                dx.append(float(d))
-                dy.append(c / t)
-                derr[0].append(c / t - lo)
-                derr[1].append(hi - c / t)
-        axes[2].errorbar(dx, dy, yerr=derr, marker="o", capsize=3, color=color, label=f"{label} at {n_key}")
+        _errorbar(axes[2], [(float(d), pooled(runs, n_key, d)) for d in diffs], color, f"{label} at {n_key}")
     axes[0].set(title="training loss (answer tokens)", xlabel="step", ylabel="cross-entropy")
     axes[1].set(title="exact match vs N at evaluation (seeds pooled, 95% CI)", xlabel="N at evaluation",
                 ylabel="accuracy")
