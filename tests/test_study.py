@@ -12,7 +12,7 @@ import pytest
 
 from megasleep.config import ConfigError
 from megasleep.study.config import StudyConfig, check_runs, load_study, plan
-from megasleep.study.report import counts, verdict, wilson, write_report
+from megasleep.study.report import compare, counts, load_reference, verdict, wilson, write_report
 from tests.train.helpers import PY, ROOT, env
 
 BASE = dict(name="t", experiment="configs/experiments/tiny-demo.yaml", passes=[1, 2], seeds=[0, 1],
@@ -88,6 +88,27 @@ def test_verdict_is_decided_by_the_intervals(tmp_path):
     assert json.loads((tmp_path / "summary.json").read_text())["runs"][0]["label"] == "N=1"
 
 
+def test_compare_checks_a_rerun_against_the_reference_intervals(tmp_path):
+    ref = [_fake("N=1", 1, 0, {"6": 0.50}, n_per_d=400), _fake("N=2", 2, 0, {"6": 0.70}, n_per_d=400),
+           _fake("N=3", 3, 0, {"6": 0.60}, n_per_d=400)]
+    same = _fake("N=1", 1, 0, {"6": 0.50}, n_per_d=400)
+    near = _fake("N=2", 2, 0, {"6": 0.72}, n_per_d=400)     # reference interval [0.653, 0.743]
+    table, ok = compare(ref, [same, near])
+    assert ok and "| N1-seed0 | N=1 |" in table and "identical" in table and "within the interval" in table
+    assert "| N3-seed0 | - | in the reference | (not rerun) |" in table and "2 of 2 (run, N) cells" in table
+    far = _fake("N=2", 2, 0, {"6": 0.76}, n_per_d=400)
+    table, ok = compare(ref, [same, far])
+    assert not ok and "**no**" in table and "1 of 2" in table
+    # a rerun that shares no run with the reference proves nothing
+    table, ok = compare(ref, [_fake("N=4", 4, 0, {"6": 0.5})])
+    assert not ok and "new run" in table and "nothing to compare" in table
+    with pytest.raises(FileNotFoundError, match="missing.json: no such file"):
+        load_reference(tmp_path / "missing.json")
+    (tmp_path / "bad.json").write_text('{"study": {}}')
+    with pytest.raises(ValueError, match="bad.json: not a study summary.json"):
+        load_reference(tmp_path / "bad.json")
+
+
 def test_small_study_end_to_end_and_reuse_of_finished_runs(tmp_path):
     study = tmp_path / "mini.yaml"
     study.write_text(
@@ -107,6 +128,8 @@ def test_small_study_end_to_end_and_reuse_of_finished_runs(tmp_path):
         assert r["tokens_seen"] == 3 * 4 * 26  # 3 steps of 4 sequences of 24 bits + query + label
     text = (tmp_path / "results" / "results.md").read_text()
     assert "| N=2 | N=2 |" in text and "## Verdict" in text
+    ref = tmp_path / "ref.json"
+    ref.write_text((tmp_path / "results" / "summary.json").read_text())
     # a second invocation reuses both finished runs; changing a setting retrains
     p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0 and p.stdout.count("reusing the finished run") == 2, p.stdout[-2000:]
@@ -116,6 +139,18 @@ def test_small_study_end_to_end_and_reuse_of_finished_runs(tmp_path):
     p = subprocess.run([*cmd, "--only", "N7-seed0"], cwd=ROOT, env=env(), capture_output=True, text=True,
                        timeout=120)
     assert p.returncode != 0 and "N7-seed0: no such run" in p.stderr
+    # a rerun checked against its own table reproduces it; against a doctored one it fails with exit 1
+    p = subprocess.run([*cmd, "--report-only", "--compare", str(ref)], cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 0 and "4 of 4 (run, N) cells reproduced" in p.stdout, p.stdout[-2000:] + p.stderr
+    assert "identical" in (tmp_path / "results" / "reproduction.md").read_text()
+    doctored = json.loads(ref.read_text())
+    for b in doctored["runs"][0]["eval"]["N=1"]["by_difficulty"].values():
+        b["accuracy"] = 1.0 if b["accuracy"] < 0.5 else 0.0
+    ref.write_text(json.dumps(doctored))
+    p = subprocess.run([*cmd, "--report-only", "--compare", str(ref)], cwd=ROOT, env=env(), capture_output=True,
+                       text=True, timeout=120)
+    assert p.returncode == 1 and "outside the reference interval" in p.stdout, p.stdout[-2000:] + p.stderr
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.name)

@@ -3,6 +3,7 @@
     megasleep study configs/studies/rule110-cpu.yaml --jobs 2
     megasleep study configs/studies/rule110-cpu.yaml --only N1-seed0 N2-seed0   # a subset
     megasleep study configs/studies/rule110-cpu.yaml --report-only               # tables from finished runs
+    megasleep study configs/studies/rule110-cpu.yaml --compare committed.json    # check a rerun against a table
 
 Finished runs are reused (see megasleep.study.run), so an interrupted study continues where it stopped.
 """
@@ -30,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fresh", action="store_true", help="retrain runs that already finished")
     p.add_argument("--report-only", action="store_true", help="write the tables from finished runs only")
     p.add_argument("--results", default=None, help="where to write the tables (default: the study's results)")
+    p.add_argument("--compare", default=None, metavar="SUMMARY_JSON",
+                   help="check the runs against a reference summary.json (read before the study writes its own): "
+                        "every (run, N) must fall in the reference's 95%% interval, else exit 1")
 
 
 def hardware() -> str:
@@ -49,11 +53,13 @@ def hardware() -> str:
 
 def main(args) -> int:
     from megasleep.study.config import check_runs, load_study, plan
-    from megasleep.study.report import write_report
+    from megasleep.study.report import compare, load_reference, write_report
     from megasleep.study.run import run_study
 
     t0 = time.time()
     cfg = load_study(args.config, args.overrides)
+    # read the reference first: by default the study rewrites the very file it may be compared against
+    reference = None if args.compare is None else load_reference(args.compare)
     runs = plan(cfg)
     if args.only:
         unknown = sorted(set(args.only) - {r.dirname for r in runs})
@@ -83,4 +89,11 @@ def main(args) -> int:
                       wall_seconds=None if args.report_only else time.time() - t0)
     print(md.read_text())
     print(f"[study] tables: {md}")
+    if reference is not None:
+        table, ok = compare(reference, results)
+        (md.parent / "reproduction.md").write_text(
+            f"# Study `{cfg.name}`: rerun against {args.compare}\n\n- command: `{command}`\n"
+            f"- hardware: {hardware()}\n\n{table}\n")
+        print(f"\n[study] reproduction check against {args.compare}:\n{table}")
+        return 0 if ok else 1
     return 0

@@ -147,6 +147,56 @@ def verdict(results: list[dict], chance: float) -> list[str]:
     return out
 
 
+def load_reference(path) -> list[dict]:
+    """The runs of a study's ``summary.json`` (e.g. the committed one), for :func:`compare`."""
+    path = Path(path)
+    try:
+        runs = json.loads(path.read_text())["runs"]
+    except FileNotFoundError:
+        raise FileNotFoundError(f"reference results {path}: no such file (a study's summary.json, e.g. "
+                                "docs/results/rule110-cpu/summary.json)") from None
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"reference results {path}: not a study summary.json ({type(e).__name__}: {e})") from None
+    if not isinstance(runs, list) or not all(isinstance(r, dict) and "name" in r and "eval" in r for r in runs):
+        raise ValueError(f"reference results {path}: 'runs' must be a list of runs with 'name' and 'eval'")
+    return runs
+
+
+def compare(reference: list[dict], results: list[dict]) -> tuple[str, bool]:
+    """Does a rerun reproduce a reference table? One row per (run, eval N) present in both.
+
+    A cell reproduces when the rerun's accuracy lies inside the reference's Wilson 95% interval (the
+    acceptance rule of the results pages); "identical" when the correct counts are equal too. Returns the
+    markdown table and whether every compared cell reproduced (False when nothing could be compared).
+    """
+    ref = {r["name"]: r for r in reference}
+    lines = ["| run | eval N | reference | rerun | reproduced |", "|---|---|---|---|---|"]
+    compared = failed = 0
+    for r in results:
+        old = ref.get(r["name"])
+        if old is None:
+            lines.append(f"| {r['name']} | - | (not in the reference) | - | new run |")
+            continue
+        for n_key in sorted(set(r["eval"]) & set(old["eval"]), key=lambda k: int(k.split("=")[1])):
+            (c0, t0), (c1, t1) = counts(old["eval"][n_key]), counts(r["eval"][n_key])
+            lo, hi = wilson(c0, t0)
+            if (c0, t0) == (c1, t1):
+                status = "identical"
+            elif t1 and lo <= c1 / t1 <= hi:
+                status = "within the interval"
+            else:
+                status = "**no**: outside the reference interval"
+                failed += 1
+            compared += 1
+            lines.append(f"| {r['name']} | {n_key} | {cell(c0, t0)} | {cell(c1, t1)} | {status} |")
+    rerun = {r["name"] for r in results}
+    lines += [f"| {name} | - | in the reference | (not rerun) | - |" for name in ref if name not in rerun]
+    ok = compared > 0 and failed == 0
+    lines += ["", f"{compared - failed} of {compared} (run, N) cells reproduced the reference within its 95% interval"
+              + ("." if compared else " (nothing to compare: no run of the reference was rerun).")]
+    return "\n".join(lines), ok
+
+
 def _rate(correct: float, n: int) -> float:
     return correct / n if n else 0.0
 
