@@ -112,13 +112,14 @@ def plot(results: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     from megasleep.study.report import finish_figure
+    from megasleep.train.evaluate import passes_of
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for r in results:
         steps, loss = zip(*r["curve"]) if r["curve"] else ((), ())
         axes[0].plot(steps, loss, label=f"trained N={r['passes']}")
-        ns = sorted(r["eval"], key=lambda k: int(k.split("=")[1]))
-        axes[1].plot([int(k.split("=")[1]) for k in ns], [r["eval"][k].get("accuracy", float("nan")) for k in ns],
+        ns = sorted(r["eval"], key=passes_of)
+        axes[1].plot([passes_of(k) for k in ns], [r["eval"][k].get("accuracy", float("nan")) for k in ns],
                      marker="o", label=f"trained N={r['passes']}")
         own = r["eval"].get(f"N={r['passes']}", {}).get("by_difficulty", {})
         diffs = sorted(own, key=float)
@@ -128,7 +129,7 @@ def plot(results: list[dict], path: Path) -> None:
     axes[0].set_yscale("log")
     axes[1].set(title="exact match vs sleep depth at evaluation", xlabel="N at evaluation", ylabel="accuracy")
     axes[2].set(title="exact match vs rollout depth t", xlabel="Rule-110 steps t", ylabel="accuracy")
-    axes[1].set_xticks(sorted({int(k.split("=")[1]) for r in results for k in r["eval"]}))
+    axes[1].set_xticks(sorted({passes_of(k) for r in results for k in r["eval"]}))
     axes[2].set_xticks(sorted({float(d) for r in results for v in r["eval"].values() for d in v["by_difficulty"]}))
     finish_figure(fig, axes, path, chance=CHANCE, dpi=110, title="megasleep demo: tiny AGAG model on Rule 110 "
                   "(1 string, L=24, hard eviction), CPU, DeepSpeed ZeRO-1")

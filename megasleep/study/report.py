@@ -12,6 +12,8 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from megasleep.train.evaluate import passes_of
+
 Z95 = 1.959964
 
 
@@ -56,7 +58,7 @@ def own_n(run: dict) -> str:
     """The N a model is scored at in the main table: its training N (the largest N for random N)."""
     if run["passes"]:
         return f"N={run['passes']}"
-    return max(run["eval"], key=lambda k: int(k.split("=")[1]))
+    return max(run["eval"], key=passes_of)
 
 
 def group(results: list[dict]) -> dict[str, list[dict]]:
@@ -101,7 +103,7 @@ def difficulty_table(results: list[dict], name: str) -> str:
 
 def cross_table(results: list[dict]) -> str:
     """Rows: trained N (seeds pooled); columns: N at evaluation."""
-    ns = sorted({k for r in results for k in r["eval"]}, key=lambda k: int(k.split("=")[1]))
+    ns = sorted({k for r in results for k in r["eval"]}, key=passes_of)
     lines = ["| trained | " + " | ".join(f"eval {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
     for label, runs in group(results).items():
         lines.append(f"| {label} | " + " | ".join(cell(*pooled(runs, n)) for n in ns) + " |")
@@ -177,12 +179,12 @@ def compare(reference: list[dict], results: list[dict]) -> tuple[str, bool]:
         if old is None:
             lines.append(f"| {r['name']} | - | (not in the reference) | - | new run |")
             continue
-        for n_key in sorted(set(r["eval"]) & set(old["eval"]), key=lambda k: int(k.split("=")[1])):
+        for n_key in sorted(set(r["eval"]) & set(old["eval"]), key=passes_of):
             (c0, t0), (c1, t1) = counts(old["eval"][n_key]), counts(r["eval"][n_key])
             lo, hi = wilson(c0, t0)
             if (c0, t0) == (c1, t1):
                 status = "identical"
-            elif t1 and lo <= c1 / t1 <= hi:
+            elif t1 and lo <= _rate(c1, t1) <= hi:
                 status = "within the interval"
             else:
                 status = "**no**: outside the reference interval"
@@ -226,8 +228,8 @@ def plot(results: list[dict], path: Path, *, chance: float, name: str, title: st
                 steps, loss = zip(*r["curve"])
                 axes[0].plot(steps, loss, color=color, alpha=0.8, ls="-" if j == 0 else "--",
                              label=f"{label} seed {r['seed']}")
-        ns = sorted({k for r in runs for k in r["eval"]}, key=lambda k: int(k.split("=")[1]))
-        _errorbar(axes[1], [(int(n.split("=")[1]), pooled(runs, n)) for n in ns], color, f"trained {label}")
+        ns = sorted({k for r in runs for k in r["eval"]}, key=passes_of)
+        _errorbar(axes[1], [(passes_of(n), pooled(runs, n)) for n in ns], color, f"trained {label}")
         n_key = own_n(runs[0])
         diffs = sorted({d for r in runs for d in r["eval"].get(n_key, {}).get("by_difficulty", {})}, key=_num)
         _errorbar(axes[2], [(float(d), pooled(runs, n_key, d)) for d in diffs], color, f"{label} at {n_key}")

@@ -120,9 +120,14 @@ def _sum_over_ranks(local: dict) -> dict:
     return {"acc": dict(acc), "win": dict(win), "total": total}
 
 
+def passes_of(n_key: str) -> int:
+    """The N of an evaluation key ``"N=4"``, the name :func:`evaluate` gives each N's results."""
+    return int(n_key.split("=")[1])
+
+
 def format_table(results_by_run: dict[str, dict], metric: str = "accuracy") -> str:
     """Markdown table: one row per (run, difficulty), one column per evaluated N."""
-    ns = sorted({k for r in results_by_run.values() for k in r}, key=lambda k: int(k.split("=")[1]))
+    ns = sorted({k for r in results_by_run.values() for k in r}, key=passes_of)
     lines = ["| model | difficulty | " + " | ".join(ns) + " |", "|---|---|" + "---|" * len(ns)]
     for run, res in results_by_run.items():
         diffs = sorted({d for r in res.values() for d in r["by_difficulty"]}, key=_num)
