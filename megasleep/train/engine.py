@@ -56,7 +56,7 @@ def check_batch(cfg, world_size: int) -> int:
 
 def read_ds_json(cfg) -> tuple[str, dict[str, Any]]:
     """(path, JSON with ``deepspeed.overrides`` and ``deepspeed.zero_stage`` merged), keys validated."""
-    from megasleep.train.config import deep_update, resolve_path
+    from megasleep.config import deep_update, resolve_path
 
     ds = cfg.deepspeed
     path = resolve_path(ds.config)

@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from megasleep.config import ConfigError
+from megasleep.config import ConfigError, resolve_path
 from megasleep.sleep import SleepOutput
 from megasleep.train import engine as ds_engine
 from megasleep.train.checkpoint import (
@@ -40,7 +40,7 @@ from megasleep.train.checkpoint import (
     rng_state,
     set_rng_state,
 )
-from megasleep.train.config import ExperimentConfig, dump_yaml, resolve_path
+from megasleep.train.config import ExperimentConfig, dump_yaml
 from megasleep.train.distributed import launcher_world_size, setup_distributed, shutdown_distributed
 from megasleep.train.lifecycle import RunStatus, StopPolicy
 from megasleep.train.metrics import FlopCounter, MetricLogger, peak_flops, peak_memory_gb
