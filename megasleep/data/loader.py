@@ -60,7 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from megasleep.data.errors import BadDataError, DataError, TokenizerMismatchError
 from megasleep.data.manifest import check_tokenizer_hash, manifest_tokenizer_hash, resolve_shards
-from megasleep.data.sample import MalformedSample, decode_sample, doc_ids_from_starts
+from megasleep.data.sample import MalformedSample, collate, decode_sample
 
 STATE_VERSION = 1
 _MAX_NAMES = 50  # bad shard names kept in the state / error message
@@ -394,20 +394,7 @@ class _WorkerStream:
         return {"input_ids": ids, "loss_mask": mask, "doc_starts": starts, "meta": meta}
 
     def _collate(self, batch: list[dict]) -> dict:
-        cfg = self.ctx.cfg
-        T = cfg.seq_len or max(s["input_ids"].size for s in batch)
-        B = len(batch)
-        ids = np.full((B, T), self.ctx.pad_id, dtype=np.int64)
-        mask = np.zeros((B, T), dtype=np.bool_)
-        doc = np.zeros((B, T), dtype=np.int64)
-        for b, s in enumerate(batch):
-            n = s["input_ids"].size
-            ids[b, :n] = s["input_ids"]
-            mask[b, :n] = s["loss_mask"].astype(np.bool_)
-            d = doc_ids_from_starts(s["doc_starts"], n)
-            doc[b, :n] = d
-            doc[b, n:] = d[-1] + 1  # padding is a document of its own
-        return {"input_ids": ids, "loss_mask": mask, "doc_ids": doc, "meta": [s["meta"] for s in batch]}
+        return collate(batch, self.ctx.pad_id, self.ctx.cfg.seq_len)
 
 
 def _to_torch(batch: dict) -> dict:

@@ -198,13 +198,13 @@ def test_text_shards_per_window_loss_and_adaptive(tmp_path):
         assert [w["window"] for w in res["windows"]] == [0, 1, 2]
         # independent: full logits, CE per target token, token-weighted per window
         sums, counts = np.zeros(3), np.zeros(3)
-        for _, ids, mask, docs, _ in batches(samples, 4):
-            ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+        for _, b in batches(samples, 4):
+            ids_t, mask_t = torch.from_numpy(b["input_ids"]), torch.from_numpy(b["loss_mask"])
             cfg = SleepConfig(window=16, passes=res["passes"], adaptive_tol=0.05)
             with torch.no_grad():
-                lg = sleep_forward(model, ids_t, cfg, loss_mask=mask_t,
-                                   doc_ids=None if docs is None else torch.from_numpy(docs), return_logits=True).logits
-            ce = F.cross_entropy(lg[:, :-1].flatten(0, 1), ids_t[:, 1:].flatten(), reduction="none").view(len(ids), -1)
+                lg = sleep_forward(model, ids_t, cfg, loss_mask=mask_t, doc_ids=torch.from_numpy(b["doc_ids"]),
+                                   return_logits=True).logits
+            ce = F.cross_entropy(lg[:, :-1].flatten(0, 1), ids_t[:, 1:].flatten(), reduction="none").view(len(ids_t), -1)
             tm = mask_t[:, 1:]
             for w in range(3):
                 sl = slice(16 * w, 16 * (w + 1))  # CE at position t (target t+1) belongs to t's window
