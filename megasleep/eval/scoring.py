@@ -134,6 +134,21 @@ def wilson(correct: float, n: float, z: float = Z95) -> tuple[float, float]:
     return max(0.0, centre - half), min(1.0, centre + half)
 
 
+def chance_level(task: str | None, samples: list[dict]) -> float | None:
+    """Exact-match accuracy of uniform guessing per unit, where the task fixes it: Rule 110, one bit
+    per label (2^-labels); Depo, a 2-letter node name (1/26^2). None for other data."""
+    if not samples:
+        return None
+    units = sample_units(samples[0]["meta"])
+    if task == "rule110" and units:
+        return 0.5 ** len(units[0])
+    if task == "depo":
+        from megasleep.data.tasks.depo import LETTERS
+
+        return 1.0 / len(LETTERS) ** 2
+    return None
+
+
 def sample_units(meta: dict) -> list[list[int]]:
     """The scored units of a sample as lists of answer positions: one unit per ``meta.queries`` entry
     (Depo: each query's 2 answer tokens) or the whole answer (Rule 110's 4 labels, GSM's integer)."""
@@ -144,5 +159,5 @@ def sample_units(meta: dict) -> list[list[int]]:
     return [pos] if pos else []
 
 
-__all__ = ["GSM_KEYWORDS", "Z95", "bootstrap_ci", "extract_integer_answer", "gsm_auc", "gsm_score_generation",
+__all__ = ["GSM_KEYWORDS", "Z95", "bootstrap_ci", "chance_level", "extract_integer_answer", "gsm_auc", "gsm_score_generation",
            "sample_units", "wilson"]

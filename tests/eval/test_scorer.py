@@ -132,3 +132,9 @@ def test_trainer_study_table_and_megasleep_eval_agree_on_multi_query_depo(tmp_pa
         assert trained[n]["loss"] == pytest.approx(evaluated[n]["loss"], rel=1e-5)
         assert counts(study[n]) == (b["correct"], b["n_units"])
         assert cell(*counts(study[n])) == cell(b["correct"], b["n_units"])
+    # `megasleep eval compare` reads the training run's eval.json like a results directory
+    from megasleep.eval.report import compare_rows, read_results
+
+    _, rows = compare_rows([read_results(run), read_results(out)])
+    acc = [r for r in rows if r[1] == "accuracy" and r[2] == "all"]
+    assert len(acc) == 2 and all(r[3] == r[4] != "-" for r in acc)
