@@ -10,8 +10,9 @@ results.json (format "megasleep-eval", version 1)::
      "settings": {sleep_passes, window, eviction, adaptive_tol, batch_size, bootstrap, seed, scoring,
                   max_new_tokens, max_examples, device, dtype},
      "results": [{passes, n_examples, loss, ppl, tokens, seconds, forwards, scoring,
-                  overall: {accuracy, ci_low, ci_high, n_samples, n_units, answer_loss, ...} | null,
-                  buckets: [{difficulty, accuracy, ci_low, ci_high, answer_loss, ...}],
+                  overall: {correct, n_units, n_samples, accuracy, ci_low, ci_high (bootstrap),
+                            wilson_low, wilson_high, answer_loss, ...} | null,
+                  buckets: [{difficulty, <the same fields>}],
                   windows: [{window, tokens, loss, ppl, mean_passes_used}],
                   adaptive: {...} | null, gsm: {auc, ops} | null}],
      "files": {...}}
@@ -26,8 +27,8 @@ import os
 from pathlib import Path
 
 RESULTS_NAME = "results.json"
-BUCKET_FIELDS = ["passes", "difficulty_name", "difficulty", "n_samples", "n_units", "accuracy", "ci_low", "ci_high",
-                 "answer_loss", "answer_tokens", "teacher_forced_accuracy"]
+BUCKET_FIELDS = ["passes", "difficulty_name", "difficulty", "n_samples", "n_units", "correct", "accuracy", "ci_low",
+                 "ci_high", "wilson_low", "wilson_high", "answer_loss", "answer_tokens", "teacher_forced_accuracy"]
 WINDOW_FIELDS = ["passes", "window", "tokens", "loss", "ppl", "mean_passes_used"]
 
 

@@ -72,11 +72,14 @@ def test_eval_on_task_shards_writes_json_csv_png(r110, tmp_path):
         assert sum(b["n_samples"] for b in r["buckets"]) == 24 == r["overall"]["n_units"]
         for b in r["buckets"] + [r["overall"]]:
             assert b["ci_low"] <= b["accuracy"] <= b["ci_high"] and b["answer_loss"] > 0
+            assert b["wilson_low"] <= b["accuracy"] <= b["wilson_high"] and b["accuracy"] == b["correct"] / b["n_units"]
         # T = 101, L = 24: 5 windows; only the last holds the labels; N-1 sleeps before 4 evictions
         assert len(r["windows"]) == 5 and [w["tokens"] for w in r["windows"]] == [0, 0, 0, 0, 96]
         assert r["forwards"] == 2 * (5 + 4 * (r["passes"] - 1))  # 24 samples in 2 batches of <= 16
     header = (out / "buckets.csv").read_text().splitlines()[0]
-    assert header.startswith("passes,difficulty_name,difficulty,n_samples,n_units,accuracy,ci_low,ci_high,answer_loss")
+    assert header.startswith("passes,difficulty_name,difficulty,n_samples,n_units,correct,accuracy,ci_low,ci_high,"
+                             "wilson_low,wilson_high,answer_loss")
+    assert s["chance"] == 0.5 ** 4  # Rule 110 with 4 labels: guessing every bit
     assert len((out / "samples.jsonl").read_text().splitlines()) == 3 * 24
 
     # --max-examples and compare
