@@ -179,7 +179,7 @@ def plot(results: list[dict], path: Path) -> None:
     axes[1].set(title="exact match vs sleep depth at evaluation (95% CI)", xlabel="N at evaluation",
                 ylabel="accuracy")
     axes[2].set(title="exact match vs rollout depth t (95% CI)", xlabel="Rule-110 steps t", ylabel="accuracy")
-    finish_figure(fig, axes, path, chance=CHANCE, dpi=110, integer_x=(1, 2),
+    finish_figure(fig, axes, path, chance=CHANCE, dpi=110, integer_x=(0, 1, 2),
                   title="megasleep demo: tiny AGAG model on Rule 110 (1 string, L=24, hard eviction), CPU, "
                         "DeepSpeed ZeRO-1, equal steps per N")
 

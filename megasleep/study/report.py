@@ -257,7 +257,7 @@ def plot(results: list[dict], path: Path, *, chance: float, name: str, title: st
     axes[1].set(title="exact match vs N at evaluation (seeds pooled, 95% CI)", xlabel="N at evaluation",
                 ylabel="accuracy")
     axes[2].set(title=f"exact match vs {name} (own N, seeds pooled, 95% CI)", xlabel=name, ylabel="accuracy")
-    finish_figure(fig, axes, path, chance=chance, title=title, integer_x=(1, 2))
+    finish_figure(fig, axes, path, chance=chance, title=title, integer_x=(0, 1, 2))
 
 
 def finish_figure(fig, axes, path: Path, *, chance: float, title: str, dpi: int = 100,

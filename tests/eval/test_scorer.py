@@ -138,3 +138,27 @@ def test_trainer_study_table_and_megasleep_eval_agree_on_multi_query_depo(tmp_pa
     _, rows = compare_rows([read_results(run), read_results(out)])
     acc = [r for r in rows if r[1] == "accuracy" and r[2] == "all"]
     assert len(acc) == 2 and all(r[3] == r[4] != "-" for r in acc)
+
+
+@pytest.mark.slow
+def test_validator_under_zero3_two_ranks_equals_one_rank(tmp_path):
+    """The trainer's evaluation through a ZeRO-3 engine on 2 ranks (each scoring half the samples,
+    one all-gather) reports the samples, units and counts of a 1-rank run of the same model."""
+    common = ["configs/experiments/tiny-demo.yaml", "deepspeed.zero_stage=3", "train.steps=1",
+              "train.global_batch_size=8", "train.micro_batch_size=4", "optim.warmup_steps=1", "checkpoint.every=0",
+              "checkpoint.resume=never", "checkpoint.export=false", "eval.passes=[1,2]", "eval.samples=24",
+              "eval.batch_size=4", "logging.tensorboard=false", "logging.progress=false"]
+    evals = {}
+    for ranks in (1, 2):
+        run = tmp_path / f"r{ranks}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}", "-m",
+               "megasleep.train.cli", *common, f"run_dir={run}"]
+        p = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        evals[ranks] = json.loads((run / "eval.json").read_text())["results"]
+    for a, b in zip(evals[1], evals[2]):
+        assert a["passes"] == b["passes"] and a["n_examples"] == b["n_examples"] == 24
+        assert (a["overall"]["n_units"], a["overall"]["n_samples"]) == (b["overall"]["n_units"], 24)
+        assert a["overall"]["correct"] == b["overall"]["correct"]
+        assert [x["n_units"] for x in a["buckets"]] == [x["n_units"] for x in b["buckets"]]
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
