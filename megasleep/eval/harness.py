@@ -154,9 +154,9 @@ def score_batch(forward: Forward, batch: dict, indices: list[int], cfg: SleepCon
     docs = torch.as_tensor(docs).long().to(device) if docs is not None else None
     out = forward(ids, mask, docs, cfg)
     tally.forwards += out.forwards
-    for w, (loss, n) in enumerate(zip(out.window_loss, out.window_tokens)):
+    for w, (loss_sum, n) in enumerate(zip(out.window_loss_sum.tolist(), out.window_tokens)):
         if n:
-            tally.win_sum[w] += loss * n
+            tally.win_sum[w] += loss_sum
             tally.win_tok[w] += n
         tally.win_passes[w].append(out.passes_used[w])
     preds, ces = out.extras["predictions"].cpu(), out.extras["target_ce"].cpu()

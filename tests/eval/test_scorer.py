@@ -27,7 +27,7 @@ def _fixed_forward(preds: torch.Tensor, ce: torch.Tensor):
 
     def forward(ids, mask, docs, cfg):
         n = int(mask[:, 1:].sum())
-        return SleepOutput(loss=torch.zeros(()), loss_sum=torch.zeros(()), n_tokens=n, window_loss=[0.0],
+        return SleepOutput(loss=torch.zeros(()), loss_sum=torch.zeros(()), n_tokens=n, window_loss_sum=torch.zeros(1),
                            window_tokens=[n], passes=cfg.passes, passes_used=[1], forwards=1,
                            extras={"predictions": preds, "target_ce": ce})
 
@@ -144,7 +144,7 @@ def test_trainer_study_table_and_megasleep_eval_agree_on_multi_query_depo(tmp_pa
 def test_validator_under_zero3_two_ranks_equals_one_rank(tmp_path):
     """The trainer's evaluation through a ZeRO-3 engine on 2 ranks (each scoring half the samples,
     one all-gather) reports the samples, units and counts of a 1-rank run of the same model."""
-    common = ["configs/experiments/tiny-demo.yaml", "deepspeed.zero_stage=3", "train.steps=1",
+    common = ["configs/experiments/tiny-demo.yaml", "deepspeed.zero_stage=3", "train.steps=2",
               "train.global_batch_size=8", "train.micro_batch_size=4", "optim.warmup_steps=1", "checkpoint.every=0",
               "checkpoint.resume=never", "checkpoint.export=false", "eval.passes=[1,2]", "eval.samples=24",
               "eval.batch_size=4", "logging.tensorboard=false", "logging.progress=false"]
