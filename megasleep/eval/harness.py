@@ -160,11 +160,11 @@ def score_batch(forward: Forward, batch: dict, indices: list[int], cfg: SleepCon
             tally.win_tok[w] += n
         tally.win_passes[w].append(out.passes_used[w])
     preds, ces = out.extras["predictions"].cpu(), out.extras["target_ce"].cpu()
-    row_ids = ids.cpu()
+    row_ids, tokens = ids.cpu(), mask.sum(1).tolist()
     for r, i in enumerate(indices):
         meta = batch["meta"][r] if isinstance(batch["meta"][r], dict) else {}
         units = sample_units(meta)
-        rec = {"index": i, "passes": cfg.passes, "tokens": int(mask[r].sum())}
+        rec = {"index": i, "passes": cfg.passes, "tokens": int(tokens[r])}
         if units:
             hits = [int(all(int(preds[r, p - 1]) == int(row_ids[r, p]) for p in pos)) for pos in units]
             ans = _answer_span(meta)
@@ -292,7 +292,7 @@ def _gsm_generate(model, cfg, data: EvalData, records: list[dict], settings: Eva
             toks = toks[:cut]
         text = tokenizer.decode(toks)
         ok, got = gsm_score_generation(text, s["meta"].get("answer"))
-        rec.update(correct=int(ok), units=1, generated=text, extracted=got)
+        rec.update(correct=int(ok), units=1, unit_correct=[int(ok)], generated=text, extracted=got)
 
 
 def unit_stats(recs: list[dict], n_boot: int, seed: int) -> dict:
