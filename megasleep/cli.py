@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("megasleep.eval.cli", "evaluate a checkpoint at several sleep depths"),
     "export": ("megasleep.eval.export_cli", "DeepSpeed checkpoint -> HF-style directory"),
     "study": ("megasleep.study.cli", "train one experiment at several N and seeds, tables with intervals"),
+    "data": ("megasleep.data.cli", "a folder of text -> tokenizer + shards + experiment config; verify datasets"),
 }
 
 
@@ -54,10 +55,11 @@ def main(argv: list[str] | None = None) -> int:
         print(args._missing, file=sys.stderr)
         return 2
     from megasleep.config import ConfigError
+    from megasleep.data.errors import DataError
 
     try:
         return int(modules[args.command].main(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         print(f"megasleep {args.command}: error: {exc}", file=sys.stderr)
         return 2
 
