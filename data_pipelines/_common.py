@@ -26,10 +26,12 @@ def default_workers() -> int:
 
 
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a data CLI: a bad input (missing file, corrupt shard, bad value) ends in one line naming it
-    and exit code 2, not a traceback."""
+    """Run a data CLI: progress messages on stderr (timestamped when it is not a terminal); a bad input
+    (missing file, corrupt shard, bad value) ends in one line naming it and exit code 2, not a traceback."""
+    from megasleep.cli import setup_console_logging
     from megasleep.data.errors import DataError
 
+    setup_console_logging()
     try:
         main()
     except (DataError, FileNotFoundError, ValueError) as exc:

@@ -325,8 +325,9 @@ def corpus_report(stats: dict, examples: int = 3) -> list[str]:
 
 
 def print_report(stats: dict, write: Callable[[str], None] | None = None) -> None:
-    """Print :func:`corpus_report` (to stderr by default), so the data on stdout stays clean."""
-    import sys
+    """Send :func:`corpus_report` to ``write`` (default: the ``megasleep.data.corpus`` logger at INFO,
+    which the command-line tools print on stderr)."""
+    import logging
 
     for line in corpus_report(stats):
-        (write or (lambda s: print(s, file=sys.stderr)))(line)
+        (write or logging.getLogger(__name__).info)(line)

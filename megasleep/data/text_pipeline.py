@@ -14,18 +14,15 @@ The walk-through is docs/data.md.
 
 from __future__ import annotations
 
+import logging
 import os
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import yaml
 
 DEFAULT_MODEL = "configs/models/tiny.yaml"
-
-
-def _stderr(line: str) -> None:
-    print(line, file=sys.stderr)
+_log = logging.getLogger(__name__)
 
 
 def experiment_config(out: Path, vocab_size: int, seq_len: int, window: int, passes: int, model: str,
@@ -69,7 +66,7 @@ def build_text_experiment(
     batch_size: int = 2,
     workers: int = 1,
     progress: bool = True,
-    log: Callable[[str], None] = _stderr,
+    log: Callable[[str], None] = _log.info,
 ) -> dict:
     """Tokenizer + train/val shards + ``experiment.yaml`` for the corpus ``inputs`` under ``out_dir``.
 
