@@ -260,7 +260,7 @@ def check_manifest(m: dict, verify: Verify | None = None, max_bad_fraction: floa
         size = (base / sh["name"]).stat().st_size
         if "bytes" in sh and size != int(sh["bytes"]):
             bad[sh["name"]] = f"{size} bytes, manifest says {sh['bytes']}"
-    stamp = _stamp_path(m) if verify == "once" else None
+    stamp = _stamp_path(m) if verify else None  # a clean explicit check counts as the "once" too
     hashing = verify is True or (stamp is not None and not stamp.exists())
     if hashing:
         for sh in shards:

@@ -67,6 +67,14 @@ def test_once_hashes_a_shard_set_once_and_again_when_it_changes(data, monkeypatc
         resolve_shards(data)
 
 
+def test_an_explicit_verification_counts_as_the_once(data, monkeypatch):
+    verify_dataset(data)  # `megasleep data verify DIR` after copying a dataset
+    calls = []
+    monkeypatch.setattr(manifest_mod, "sha256_file", lambda p: calls.append(p))
+    resolve_shards(data, verify="once")
+    assert calls == []
+
+
 def test_size_mismatch_fails_or_is_counted_against_the_loaders_budget(data):
     raw = (data / "shard-000002.tar").read_bytes()
     (data / "shard-000002.tar").write_bytes(raw[: len(raw) // 2])
@@ -132,3 +140,16 @@ def test_data_verify_cli_on_a_good_dataset(data):
                        capture_output=True, text=True)
     assert r.returncode == 0 and "8 shards, 320 samples: sizes and sha256 match" in r.stdout, r.stderr
     assert read_manifest(data)["num_samples_without_targets"] == 0
+
+
+def test_training_start_up_check_catches_a_swapped_shard(data):
+    """`megasleep train` (and `--check-only`) checks the shards, sha256 once per shard set, before any rank
+    starts."""
+    from megasleep.train.config import load_experiment
+    from megasleep.train.preflight import check_paths
+
+    cfg = load_experiment(None, ["data.source=shards", f"data.train={data}", "data.task.name=rule110"])
+    check_paths(cfg)  # a clean set passes (and is remembered)
+    _swap(data, "shard-000006.tar", "shard-000007.tar")
+    with pytest.raises(ShardMismatchError, match="shard-000006.tar: sha256 differs"):
+        check_paths(cfg)
