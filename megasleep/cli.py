@@ -43,7 +43,6 @@ def setup_console_logging(stream=None, level: int = logging.INFO) -> logging.Han
     handler.setFormatter(fmt)
     logger.addHandler(handler)
     logger.setLevel(level)
-    logger.propagate = False
     return handler
 
 

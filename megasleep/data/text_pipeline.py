@@ -42,7 +42,7 @@ def experiment_config(out: Path, vocab_size: int, seq_len: int, window: int, pas
             "loader": {"seq_len": seq_len, "num_workers": 1, "shuffle_buffer": 100},
         },
         "optim": {"name": "adamw", "lr": 1.0e-3, "weight_decay": 0.01, "schedule": "cosine",
-                  "warmup_steps": max(1, steps // 10), "min_lr_ratio": 0.1, "grad_clip": 1.0},
+                  "warmup_steps": steps // 10, "min_lr_ratio": 0.1, "grad_clip": 1.0},
         "train": {"steps": steps, "global_batch_size": batch_size, "micro_batch_size": batch_size,
                   "log_every": max(1, steps // 20)},
         "checkpoint": {"every": max(1, steps // 2), "keep_last": 2},
