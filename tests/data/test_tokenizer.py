@@ -175,3 +175,8 @@ def test_tokenizer_cli_trains_a_directory_tree_and_keeps_code(tmp_path):
     r = subprocess.run([sys.executable, str(root / "data_pipelines/train_tokenizer.py"), "--input",
                         str(src / "*.nothing"), "--out", str(tmp_path / "tok3")], capture_output=True, text=True)
     assert r.returncode == 2 and "no file matches" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_too_small_vocabulary_is_one_clear_line(tmp_path):
+    with pytest.raises(ValueError, match=r"vocab_size=100 is too small for this corpus: it needs at least \d+ pieces"):
+        train_tokenizer(tmp_path / "small", texts=["def f(x):\n    return x\n"] * 10, vocab_size=100, num_threads=1)
