@@ -574,7 +574,7 @@ def build_loader(cfg: LoaderConfig | dict, rank: int = 0, world_size: int = 1) -
     sources, manifests = [], []
     hashes: dict[str, str] = {}
     for ds in cfg.datasets:
-        urls, manifest = resolve_shards(ds.path)
+        urls, manifest = resolve_shards(ds.path, max_bad_fraction=cfg.max_bad_fraction)  # damaged shards: its budget
         name = ds.name or (manifest.get("_dir") if manifest else str(ds.path))
         if manifest is not None:
             check_tokenizer_hash(manifest, cfg.tokenizer_hash)
