@@ -126,7 +126,8 @@ def main(args) -> int:
         try:
             preflight(cfg, world)
         except (ConfigError, CheckpointError, DataError, FileNotFoundError) as exc:
-            print(f"megasleep train: error: {exc} (checked for world size {world})", file=sys.stderr)
+            where = "" if f"world size {world}" in str(exc) else f" (checked for world size {world})"
+            print(f"megasleep train: error: {exc}{where}", file=sys.stderr)
             return 2
         print(f"megasleep train: {cfg.source}: ok for world size {world}", file=sys.stderr)
         return 0
