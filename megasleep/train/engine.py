@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import json
 import os
 import time
 from typing import Any
@@ -56,18 +55,13 @@ def check_batch(cfg, world_size: int) -> int:
 
 def read_ds_json(cfg) -> tuple[str, dict[str, Any]]:
     """(path, JSON with ``deepspeed.overrides`` and ``deepspeed.zero_stage`` merged), keys validated."""
-    from megasleep.config import deep_update, resolve_path
+    from megasleep.config import deep_update, read_config_file, resolve_path
 
     ds = cfg.deepspeed
     path = resolve_path(ds.config)
     if not path.is_file():
         raise ConfigError(f"{cfg.source}: deepspeed.config: {ds.config}: no such DeepSpeed JSON")
-    try:
-        conf = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(conf, dict):
-        raise ConfigError(f"{path}: top level must be an object, got {type(conf).__name__}")
+    conf = read_config_file(path)
     deep_update(conf, ds.overrides)
     if ds.zero_stage is not None:
         conf.setdefault("zero_optimization", {})["stage"] = ds.zero_stage
