@@ -80,6 +80,11 @@ def format_validation_error(exc: ValidationError, source: str, prefix: str = "")
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif err["type"] == "value_error":  # our own validators: the message names the keys and values
+            msg = msg.removeprefix("Value error, ")
+            if not err["loc"]:
+                lines.append(f"{source}: {msg}" if not prefix else f"{source}: {prefix}: {msg}")
+                continue
         elif "input" in err and err["type"] not in ("missing",):
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"{source}: {key or '<root>'}: {msg}")

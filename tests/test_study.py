@@ -113,7 +113,7 @@ def test_small_study_end_to_end_and_reuse_of_finished_runs(tmp_path):
     study = tmp_path / "mini.yaml"
     study.write_text(
         "name: mini\nexperiment: configs/experiments/tiny-demo.yaml\n"
-        "overrides: [train.steps=3, train.global_batch_size=4, train.micro_batch_size=4, train.log_every=1,\n"
+        "overrides: [train.steps=3, optim.warmup_steps=1, train.global_batch_size=4, train.micro_batch_size=4, train.log_every=1,\n"
         "  logging.tensorboard=false, logging.progress=false, checkpoint.export=false, eval.batch_size=8,\n"
         "  data.task.difficulty=0-1]\n"
         f"passes: [1, 2]\nseeds: [0]\neval_passes: [1, 2]\neval_samples: 8\nchance: 0.5\n"

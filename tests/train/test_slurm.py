@@ -28,15 +28,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.train.faults import fault_env
 from tests.train.helpers import ROOT, env, losses, status, wait_for
 
 # beside the checkout in dev and CI; MEGASLEEP_LOCAL_SLURM points elsewhere (e.g. from a git worktree)
 SLURM = Path(os.environ.get("MEGASLEEP_LOCAL_SLURM") or ROOT.parent / "shared" / "slurm")
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
-RUN = ["train.steps=6", "train.log_every=1", "train.global_batch_size=8", "train.micro_batch_size=2",
+RUN = ["train.steps=6", "optim.warmup_steps=2", "train.log_every=1", "train.global_batch_size=8", "train.micro_batch_size=2",
        "eval.at_end=false", "logging.tensorboard=false", "logging.progress=false", "checkpoint.export=false"]
-SWEEP = ["train.steps=3", "train.log_every=1", "train.global_batch_size=4", "train.micro_batch_size=4",
+SWEEP = ["train.steps=3", "optim.warmup_steps=1", "train.log_every=1", "train.global_batch_size=4", "train.micro_batch_size=4",
          "eval.passes=[1,2]", "eval.samples=8", "logging.tensorboard=false", "checkpoint.export=false"]
 TWO_NODES = ["--nodes=2", "--oversubscribe"]
 
@@ -84,11 +85,11 @@ def jobs(tmp_path_factory):
         submit("node", [*cpu, "--ntasks-per-node=1", "launch/pretrain.sh", *RUN, f"run_dir={tmp}/node"])
         submit("task", [*cpu, "--ntasks-per-node=2", "launch/pretrain.sh", *RUN, f"run_dir={tmp}/task"])
         # MEGASLEEP_SIGNAL_MARGIN=0: after the requeue, the margin check sees the save it measured
-        slow = ["train.fault.step_sleep=1.5"]
-        submit("preempt", [*cpu, "--ntasks-per-node=1", "launch/pretrain.sh", *RUN, *slow,
-                           f"run_dir={tmp}/preempt"], MEGASLEEP_SIGNAL_MARGIN="0")
-        submit("norequeue", [*cpu, "--ntasks-per-node=1", "--no-requeue", "launch/pretrain.sh", *RUN, *slow,
-                             f"run_dir={tmp}/norequeue"])
+        slow = fault_env(step_sleep=1.5)
+        submit("preempt", [*cpu, "--ntasks-per-node=1", "launch/pretrain.sh", *RUN, f"run_dir={tmp}/preempt"],
+               MEGASLEEP_SIGNAL_MARGIN="0", **slow)
+        submit("norequeue", [*cpu, "--ntasks-per-node=1", "--no-requeue", "launch/pretrain.sh", *RUN,
+                             f"run_dir={tmp}/norequeue"], **slow)
         submit("sweep", ["--gpus-per-node=0", "--oversubscribe", "--array=1,2", "launch/sweep.sh", *SWEEP,
                          f"run_dir={tmp}/sweep"])
         # preempt mid-way: once step 2 is logged, send what --signal=B:USR1@... sends
