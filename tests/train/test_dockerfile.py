@@ -10,7 +10,7 @@
   on Hopper (the range is read from FLA's own source);
 * with PyPI reachable: the pinned wheels exist for the image's Python and platform and their live
   metadata still says what the data below says; `MEGASLEEP_RESOLVE_IMAGE=1` also resolves the whole
-  set with pip's resolver (about 2 minutes, so not by default).
+  set with pip's resolver (2-4 minutes, so not by default).
 """
 
 from __future__ import annotations
@@ -204,7 +204,7 @@ def test_pinned_wheels_exist_for_the_image_and_declare_what_we_wrote(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("MEGASLEEP_RESOLVE_IMAGE"),
-                    reason="the full resolution takes ~2 minutes: set MEGASLEEP_RESOLVE_IMAGE=1")
+                    reason="the full resolution takes 2-4 minutes: set MEGASLEEP_RESOLVE_IMAGE=1")
 def test_the_whole_image_set_resolves(tmp_path):
     """pip's resolver on the binary pins plus the source packages' declared requirements."""
     if not pypi_reachable():

@@ -12,6 +12,7 @@ scripts ask for whole nodes with --exclusive, so the jobs here say --oversubscri
   logs the same losses, step for step, as the uninterrupted run;
 * the same with `--no-requeue`: the failed `scontrol requeue` is logged and the job exits 4;
 * `--gpus-per-node=2` on these GPU-less nodes: one line, exit 2, before any rank starts;
+* a global batch that 2 nodes x 3 ranks cannot divide: the preflight's one line, exit 2;
 * `--ntasks-per-node=2 --gpus-per-task=1` as a dry run: every rank gets its own GPU;
 * launch/eval.sh on the 2-rank checkpoint with 2 ranks; launch/sweep.sh as a job array over N.
 """
@@ -82,6 +83,9 @@ def jobs(tmp_path_factory):
         submit("gpu", ["--gpus-per-node=2", *TWO_NODES, "launch/pretrain.sh", *RUN, f"run_dir={tmp}/gpu"])
         submit("bind", ["--ntasks-per-node=2", "--gpus-per-task=1", *TWO_NODES, "launch/pretrain.sh", *RUN,
                         f"run_dir={tmp}/bind"], MEGASLEEP_DRY_RUN="1")
+        # 2 nodes x 3 CPU ranks = 6 ranks cannot split 8 sequences: refused before any rank starts
+        submit("badbatch", [*cpu, "--ntasks-per-node=1", "launch/pretrain.sh", *RUN, f"run_dir={tmp}/badbatch"],
+               MEGASLEEP_CPU_RANKS="3")
         submit("node", [*cpu, "--ntasks-per-node=1", "launch/pretrain.sh", *RUN, f"run_dir={tmp}/node"])
         submit("task", [*cpu, "--ntasks-per-node=2", "launch/pretrain.sh", *RUN, f"run_dir={tmp}/task"])
         # MEGASLEEP_SIGNAL_MARGIN=0: after the requeue, the margin check sees the save it measured
@@ -171,6 +175,15 @@ def test_gpu_request_on_nodes_without_gpus_is_one_line(jobs):
     errors = [line for line in log.splitlines() if "error" in line]
     assert len(errors) == 1 and "given 2 GPU(s)" in errors[0] and "sees no CUDA device" in errors[0], log
     assert not (tmp / "gpu").exists(), "a rank started"
+
+
+def test_batch_that_cannot_divide_fails_before_ranks_start(jobs):
+    tmp, rcs, _ = jobs
+    log = _log(tmp, "badbatch")
+    assert rcs["badbatch"] == 2, log
+    errors = [line for line in log.splitlines() if "error" in line]
+    assert len(errors) == 1 and "preflight for 6 rank(s) failed" in errors[0] and "world size 6" in errors[0], log
+    assert not (tmp / "badbatch").exists(), "a rank started"
 
 
 def test_one_task_per_gpu_each_rank_gets_its_own_gpu(jobs):
