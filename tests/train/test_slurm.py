@@ -123,23 +123,27 @@ def _log(tmp, prefix: str) -> str:
     return "\n".join(f.read_text() for f in sorted(tmp.glob(f"{prefix}-*.out")))
 
 
-def test_launcher_per_node_trains_on_two_nodes(jobs):
+def _trained(jobs, name: str, world: int) -> str:
+    """The job exited 0 and its run finished all 6 steps at this world size; returns its log."""
     tmp, rcs, _ = jobs
-    log = _log(tmp, "node")
-    assert rcs["node"] == 0, log
-    st = status(tmp / "node")
-    assert st["state"] == "done" and st["step"] == 6 and st["world_size"] == 2, st
+    log = _log(tmp, name)
+    assert rcs[name] == 0, log
+    st = status(tmp / name)
+    assert st["state"] == "done" and st["step"] == 6 and st["world_size"] == world, st
+    return log
+
+
+def test_launcher_per_node_trains_on_two_nodes(jobs):
+    tmp = jobs[0]
+    log = _trained(jobs, "node", world=2)
     got = losses(tmp / "node")
     assert sorted(got) == list(range(1, 7)) and got[6] < got[1]
     assert "2 node(s) x 1 cpu rank(s) (world 2, one launcher per node)" in log, log
 
 
 def test_task_per_rank_trains_on_two_nodes(jobs):
-    tmp, rcs, _ = jobs
-    log = _log(tmp, "task")
-    assert rcs["task"] == 0, log
-    st = status(tmp / "task")
-    assert st["state"] == "done" and st["step"] == 6 and st["world_size"] == 4, st
+    tmp = jobs[0]
+    log = _trained(jobs, "task", world=4)
     assert "(world 4, one task per rank)" in log, log
     # the same global batch over 4 ranks instead of 2: the same losses up to float summation order
     node, task = losses(tmp / "node"), losses(tmp / "task")
@@ -148,15 +152,12 @@ def test_task_per_rank_trains_on_two_nodes(jobs):
 
 
 def test_usr1_requeue_across_nodes_continues_with_identical_losses(jobs):
-    tmp, rcs, ids = jobs
-    log = _log(tmp, "preempt")
-    assert rcs["preempt"] == 0, log
+    tmp, _, ids = jobs
+    log = _trained(jobs, "preempt", world=2)
     assert "USR1: asking the trainer to checkpoint" in log and f"requeueing job {ids['preempt']}" in log, log
     assert "restart 1" in log and "resumed from" in log, log
     # the rerun read the save time the first run measured and compared it with the margin (0 here)
     assert re.search(r"warning: the preemption margin .* is 0s but the last checkpoint save took [0-9.]+s", log), log
-    st = status(tmp / "preempt")
-    assert st["state"] == "done" and st["step"] == 6 and st["world_size"] == 2, st
     assert losses(tmp / "preempt") == losses(tmp / "node")  # exact on CPU
 
 
@@ -168,22 +169,22 @@ def test_failed_requeue_is_reported_and_fails_the_job(jobs):
     assert status(tmp / "norequeue")["state"] == "preempted"  # the checkpoint is there to resume from
 
 
-def test_gpu_request_on_nodes_without_gpus_is_one_line(jobs):
+def _refused_before_ranks_start(jobs, name: str, *needles: str) -> None:
+    """The job exited 2 with exactly one error line holding every needle, and no rank ever ran."""
     tmp, rcs, _ = jobs
-    log = _log(tmp, "gpu")
-    assert rcs["gpu"] == 2, log
+    log = _log(tmp, name)
+    assert rcs[name] == 2, log
     errors = [line for line in log.splitlines() if "error" in line]
-    assert len(errors) == 1 and "given 2 GPU(s)" in errors[0] and "sees no CUDA device" in errors[0], log
-    assert not (tmp / "gpu").exists(), "a rank started"
+    assert len(errors) == 1 and all(n in errors[0] for n in needles), log
+    assert not (tmp / name).exists(), "a rank started"
+
+
+def test_gpu_request_on_nodes_without_gpus_is_one_line(jobs):
+    _refused_before_ranks_start(jobs, "gpu", "given 2 GPU(s)", "sees no CUDA device")
 
 
 def test_batch_that_cannot_divide_fails_before_ranks_start(jobs):
-    tmp, rcs, _ = jobs
-    log = _log(tmp, "badbatch")
-    assert rcs["badbatch"] == 2, log
-    errors = [line for line in log.splitlines() if "error" in line]
-    assert len(errors) == 1 and "preflight for 6 rank(s) failed" in errors[0] and "world size 6" in errors[0], log
-    assert not (tmp / "badbatch").exists(), "a rank started"
+    _refused_before_ranks_start(jobs, "badbatch", "preflight for 6 rank(s) failed", "world size 6")
 
 
 def test_one_task_per_gpu_each_rank_gets_its_own_gpu(jobs):
