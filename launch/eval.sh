@@ -38,6 +38,7 @@ if ! INFO=$("$PYTHON" "$ROOT/launch/run_info.py" "$@"); then
 fi
 mapfile -t INFO_LINES <<< "$INFO"
 ms_plan
+ms_preflight "$@" train.device="$DEVICE"   # the DeepSpeed engine it loads into splits the batch too
 ms_log "evaluating the latest checkpoint in ${INFO_LINES[1]} with $WORLD $DEVICE rank(s)"
 ms_launch -m megasleep.train.cli "$@" train.device="$DEVICE" --eval-only
 ms_wait

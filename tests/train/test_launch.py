@@ -154,11 +154,12 @@ def test_run_info_reports_the_last_measured_save(tmp_path):
     assert bad.returncode == 2 and "no_such_key" in bad.stderr and bad.stderr.count("\n") == 1, bad.stderr
 
 
-def test_batch_that_cannot_divide_is_refused_before_any_rank_starts(tmp_path):
+@pytest.mark.parametrize("script", ["pretrain.sh", "eval.sh"])
+def test_batch_that_cannot_divide_is_refused_before_any_rank_starts(tmp_path, script):
     """3 CPU ranks cannot split 8 sequences into micro-batches of 4: one line naming the config and
     the world size, exit 2, and no rank ever ran (no run directory)."""
     run = tmp_path / "run"
-    p = subprocess.run(["bash", "launch/pretrain.sh", "train.global_batch_size=8", "train.micro_batch_size=4",
+    p = subprocess.run(["bash", f"launch/{script}", "train.global_batch_size=8", "train.micro_batch_size=4",
                         f"run_dir={run}"], cwd=ROOT, env=env(MEGASLEEP_CPU_RANKS="3"), capture_output=True,
                        text=True, timeout=300)
     assert p.returncode == 2, p.stdout + p.stderr
