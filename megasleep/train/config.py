@@ -7,18 +7,24 @@ the dotted key. Sections and their keys: docs/training.md.
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, create_model, field_validator, model_validator
 
-from megasleep.config import ConfigError, StrictModel, apply_overrides, read_yaml, validate
-from megasleep.models.config import ModelConfig
+from megasleep.config import (  # noqa: F401  (resolve_path: imported from here by callers)
+    REPO_ROOT,
+    ConfigError,
+    StrictModel,
+    apply_overrides,
+    read_config_file,
+    resolve_path,
+    validate,
+)
+from megasleep.models.config import ModelConfig, model_section
 from megasleep.sleep.config import SleepConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_EXPERIMENT = REPO_ROOT / "configs" / "experiments" / "tiny-demo.yaml"
 
 Difficulty = int | str | list[int]
@@ -67,6 +73,19 @@ class TaskDataConfig(StrictModel):
         return self
 
 
+def _loader_settings() -> type[StrictModel]:
+    """``data.loader``: the megasleep.data.loader.LoaderConfig fields a user sets (the trainer fills the
+    datasets, batch size, seed and tokenizer hash), with the same types, defaults and bounds."""
+    from megasleep.data.loader import LoaderConfig
+
+    filled = {"datasets", "batch_size", "seed", "tokenizer_hash"}
+    fields = {n: (f.annotation, f) for n, f in LoaderConfig.model_fields.items() if n not in filled}
+    return create_model("LoaderSettings", __base__=StrictModel, **fields)
+
+
+LoaderSettings = _loader_settings()
+
+
 class DataConfig(StrictModel):
     source: Literal["task", "shards"] = "task"
     task: TaskDataConfig = TaskDataConfig()
@@ -75,8 +94,8 @@ class DataConfig(StrictModel):
                           "shards' manifest tokenizer")
     train: str | list[str] | None = Field(None, description="shards: train dataset dir / pattern(s)")
     val: str | list[str] | None = Field(None, description="shards: validation dataset dir / pattern(s)")
-    loader: dict[str, Any] = Field(default_factory=dict,
-                                   description="extra megasleep.data.loader.LoaderConfig settings")
+    loader: LoaderSettings = Field(default_factory=LoaderSettings,
+                                   description="megasleep.data.loader.LoaderConfig settings (shards)")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -225,56 +244,12 @@ class ExperimentConfig(StrictModel):
         return self.model_dump(mode="json")
 
 
-def resolve_path(path: str | Path, relative_to: Path | None = None) -> Path:
-    """A config-referenced file: as given (absolute or from the cwd), else next to the referencing
-    file, else from the repository root (so `configs/...` works from any directory)."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    for base in (relative_to, REPO_ROOT):
-        if base is not None and (base / p).exists():
-            return base / p
-    return p
-
-
-def model_section(model: Any, source: str, cfg_dir: Path | None) -> dict[str, Any]:
-    """The ``model`` entry of an experiment as one mapping: a path, or ``{base: path, ...changes}``,
-    read and merged; every key inline stays as it is."""
-    if isinstance(model, str):
-        model = {"base": model}
-    if not isinstance(model, dict):
-        raise ConfigError(f"{source}: model: expected a path to a model YAML or a mapping, "
-                          f"got {type(model).__name__}")
-    data = copy.deepcopy(model)
-    base = data.pop("base", None)
-    if base is None:
-        return data
-    path = resolve_path(base, cfg_dir)
-    if not path.is_file():
-        raise ConfigError(f"{source}: model.base: model config file not found: {base}")
-    return deep_update(model_file_section(read_yaml(path)), data)
-
-
-def model_file_section(raw: dict[str, Any]) -> dict[str, Any]:
-    """A model YAML (or an exported config.json) holds the model at top level or under ``model:``."""
-    return dict(raw["model"]) if isinstance(raw.get("model"), dict) else dict(raw)
-
-
-def deep_update(dst: dict, src: dict) -> dict:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            deep_update(dst[k], v)
-        else:
-            dst[k] = v
-    return dst
-
-
 def load_experiment(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
     """Read an experiment YAML (default: the tiny demo), apply ``key=value`` overrides, validate."""
     path = Path(path) if path is not None else DEFAULT_EXPERIMENT
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory, expected an experiment YAML file")
-    data = read_yaml(path)
+    data = read_config_file(path)
     source = str(path)
     overrides = list(overrides)
     for o in overrides:  # `model=configs/models/x.yaml` swaps the model file

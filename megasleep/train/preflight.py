@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from megasleep.config import ConfigError
-from megasleep.train.config import ExperimentConfig, resolve_path
+from megasleep.config import ConfigError, resolve_path
+from megasleep.train.config import ExperimentConfig
 
 
 def check_paths(cfg: ExperimentConfig) -> None:
