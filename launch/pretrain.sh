@@ -49,6 +49,33 @@ cd "$ROOT" || exit 2
 source "$ROOT/launch/common.sh"
 ms_setup_env
 
+# Traps first: a USR1 that arrives during the checks below must not kill this shell (bash's default).
+PREEMPT=0 CHILD=
+on_usr1() {
+  local left=""
+  if [ -n "${SLURM_JOB_ID:-}" ]; then left=$(ms_seconds "$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null)"); fi
+  ms_log "USR1: asking the trainer to checkpoint and stop (${left:-unknown} s left; last save took ${SAVE_SECONDS:-?} s)"
+  ms_check_margin "$left" "the time left at USR1"
+  PREEMPT=1
+  if [ -n "${CHILD:-}" ]; then touch "$RUN_DIR/STOP"; fi
+}
+on_term() {
+  if [ -z "${CHILD:-}" ]; then ms_log "TERM before any rank started: exiting"; exit 143; fi
+  ms_log "TERM: asking the trainer to checkpoint and stop"
+  touch "$RUN_DIR/STOP"
+}
+requeue() {  # a failed requeue must not pass for a success: logged, exit 4
+  local out
+  ms_log "requeueing job $SLURM_JOB_ID"
+  if ! out=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
+    echo "[pretrain] error: scontrol requeue $SLURM_JOB_ID failed: ${out:-no message}; the checkpoint is saved, resubmit the same command to resume" >&2
+    exit 4
+  fi
+  exit 0
+}
+trap on_usr1 USR1
+trap on_term TERM INT
+
 ARGS=("$@")
 if ! INFO=$("$PYTHON" "$ROOT/launch/run_info.py" "${ARGS[@]}"); then
   ms_die "bad config or overrides: ${ARGS[*]}"
@@ -62,26 +89,12 @@ ms_log "job ${SLURM_JOB_ID:-local} restart ${SLURM_RESTART_COUNT:-0}: $NNODES no
 if [ -n "${SLURM_JOB_ID:-}" ]; then
   ms_check_margin "$(ms_signal_margin "${MEGASLEEP_BATCH_SCRIPT:-$0}")" "the preemption margin (--signal ...@N)"
 fi
-
-PREEMPT=0
 rm -f "$RUN_DIR/STOP"                       # stale request of an earlier run
+if [ "$PREEMPT" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then requeue; fi   # USR1 during the checks: nothing to save
 MEGASLEEP_LAUNCH_TIME=$(date +%s); export MEGASLEEP_LAUNCH_TIME
-on_usr1() {
-  local left=""
-  if [ -n "${SLURM_JOB_ID:-}" ]; then left=$(ms_seconds "$(squeue -h -j "$SLURM_JOB_ID" -o %L 2>/dev/null)"); fi
-  ms_log "USR1: asking the trainer to checkpoint and stop (${left:-unknown} s left; last save took ${SAVE_SECONDS:-?} s)"
-  ms_check_margin "$left" "the time left at USR1"
-  PREEMPT=1
-  touch "$RUN_DIR/STOP"
-}
-on_term() {
-  ms_log "TERM: asking the trainer to checkpoint and stop"
-  touch "$RUN_DIR/STOP"
-}
-trap on_usr1 USR1
-trap on_term TERM INT
 
 ms_launch -m megasleep.train.cli "${ARGS[@]}" train.device="$DEVICE"
+if [ "$PREEMPT" = 1 ]; then touch "$RUN_DIR/STOP"; fi   # USR1 while the ranks were being started
 ms_wait
 if [ -n "${MEGASLEEP_DRY_RUN:-}" ]; then exit "$RC"; fi
 
@@ -90,11 +103,7 @@ ms_log "trainer exited with $RC, state $STATE"
 if [ "$STATE" = done ]; then exit 0; fi
 if [ "$STATE" = preempted ] || [ "$STATE" = time_limit ]; then
   if [ "$PREEMPT" = 1 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
-    ms_log "requeueing job $SLURM_JOB_ID"
-    if ! OUT=$(scontrol requeue "$SLURM_JOB_ID" 2>&1); then
-      echo "[pretrain] error: scontrol requeue $SLURM_JOB_ID failed: ${OUT:-no message}; the checkpoint is saved, resubmit the same command to resume" >&2
-      exit 4
-    fi
+    requeue
   else
     ms_log "stopped with a checkpoint; run the same command again to resume"
   fi

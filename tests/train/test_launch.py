@@ -8,7 +8,9 @@ of a GPU request on a machine where torch sees no GPU.
 
 from __future__ import annotations
 
+import signal
 import subprocess
+import time
 
 import pytest
 import torch
@@ -167,3 +169,21 @@ def test_batch_that_cannot_divide_is_refused_before_any_rank_starts(tmp_path, sc
     assert len(lines) == 1 and "preflight for 3 rank(s)" in lines[0] and "tiny-demo.yaml" in lines[0], p.stderr
     assert "world size 3" in lines[0] and "not divisible" in lines[0], lines[0]
     assert not run.exists()
+
+
+def test_usr1_during_the_checks_does_not_kill_the_script(tmp_path):
+    """USR1 can arrive while the config check and preflight run (seconds, before any rank): bash's
+    default would end the job there, unsaved and not requeued. Without SLURM the request is kept:
+    the ranks start, stop at the first step with a checkpoint, and the script exits 0."""
+    run = tmp_path / "run"
+    p = subprocess.Popen(["bash", "launch/pretrain.sh", "train.steps=4", "train.global_batch_size=4",
+                          "train.micro_batch_size=4", "optim.warmup_steps=1", "eval.at_end=false",
+                          "logging.tensorboard=false", "checkpoint.export=false", f"run_dir={run}"],
+                         cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(1.0)  # traps are set within milliseconds; the checks take seconds
+    assert p.poll() is None and not run.exists(), "the checks finished before the signal: nothing tested"
+    p.send_signal(signal.SIGUSR1)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, out + err
+    assert "USR1: asking the trainer" in out and "state preempted" in out, out + err
+    assert (run / "checkpoints" / "latest").is_file()
