@@ -210,21 +210,35 @@ def data_record(config: dict | None) -> dict | None:
 
 
 def check_compatible(tag_dir: Path, marker: dict, model_cfg: dict | None, world: int,
-                     data_source: str | None) -> None:
-    """Refuse, in one line and before DeepSpeed reads a byte, a checkpoint this run cannot continue."""
-    saved = (marker.get("config") or {}).get("model")
+                     data_source: str | None, zero_stage: int | None = None) -> None:
+    """Refuse, in one line and before DeepSpeed reads a byte, a checkpoint this run cannot continue.
+
+    ``zero_stage`` None: not known yet (the preflight, before DeepSpeed's config is built)."""
+    saved_cfg = marker.get("config") or {}
+    saved = saved_cfg.get("model")
     if model_cfg is not None and isinstance(saved, dict) and saved != model_cfg:
         diff = sorted(k for k in set(saved) | set(model_cfg) if saved.get(k) != model_cfg.get(k))
         shown = ", ".join(f"{k}: {saved.get(k)!r} -> {model_cfg.get(k)!r}" for k in diff[:4])
         raise CheckpointError(f"{tag_dir}: saved with another model config ({shown}{' ...' if len(diff) > 4 else ''}); "
                               "resume with the same model, or set checkpoint.resume=never (or init_from an export)")
     saved_world = marker.get("world_size")
-    saved_source = ((marker.get("config") or {}).get("data") or {}).get("source")
+    saved_source = (saved_cfg.get("data") or {}).get("source")
     if saved_world != world and "shards" in (saved_source, data_source):
         raise CheckpointError(
             f"{tag_dir}: saved by {saved_world} ranks reading shards, this run has {world}: each rank's shard "
             "reader position only fits its own world size. Resume with the same number of ranks, or start a "
             "new run from its weights (checkpoint.init_from=<megasleep export of it>)")
+    saved_zero = marker.get("zero_stage")
+    same_kind = {saved_zero, zero_stage} <= {1, 2}  # one optimizer class and file format for ZeRO-1 and 2
+    if zero_stage is not None and saved_zero is not None and saved_zero != zero_stage and not same_kind:
+        raise CheckpointError(f"{tag_dir}: saved with ZeRO-{saved_zero}, this run uses ZeRO-{zero_stage}; the number "
+                              f"of ranks may change on resume, the ZeRO stage may not: set deepspeed.zero_stage={saved_zero}")
+    optim = (saved_cfg.get("optim") or {}).get("name")
+    if saved_world != world and saved_zero and optim == "muon":
+        raise CheckpointError(
+            f"{tag_dir}: saved by {saved_world} ranks with ZeRO-{saved_zero} and Muon; DeepSpeed's universal "
+            "checkpoint (how we reshard) only carries Adam moments, not Muon's momentum. Resume with "
+            f"{saved_world} ranks, or start from its weights (checkpoint.init_from=<megasleep export of it>)")
 
 
 def preflight_resume(spec: str, default_dir: Path, model_cfg: dict | None, world: int,
@@ -331,14 +345,15 @@ class CheckpointManager:
         if not is_complete(tag_dir):
             raise CheckpointError(f"{tag_dir}: incomplete checkpoint (no {MARKER})")
         marker = read_marker(tag_dir)
-        check_compatible(tag_dir, marker, model_cfg, self.world, data_source)
+        zero_now = int(engine.zero_optimization_stage())
+        check_compatible(tag_dir, marker, model_cfg, self.world, data_source, zero_now)
         verify_checkpoint(tag_dir, self.trust)
         if self.rank == 0 and Path(ckpt_dir).resolve() != self.dir.resolve():
             print(f"[megasleep] resuming from {tag_dir}, outside this run's checkpoint directory {self.dir}",
                   file=sys.stderr, flush=True)
         saved_world = int(marker.get("world_size") or self.world)
         zero = int(marker.get("zero_stage", 0) or 0)
-        if saved_world != self.world and zero > 0:
+        if zero > 0 and saved_world != self.world:
             if self.rank == 0:
                 print(f"[megasleep] {tag_dir} was saved by {saved_world} rank(s); resharding its ZeRO-{zero} "
                       f"state for {self.world} rank(s) (DeepSpeed universal checkpoint)", file=sys.stderr, flush=True)

@@ -83,6 +83,7 @@ def test_planted_payload_is_refused_unless_trusted(tmp_path):
     assert marker.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("where", ["megasleep_rank00000.pt", "mp_rank_00_model_states.pt",
                                    "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
 def test_payload_does_not_run_through_resume_eval_or_export(copied_run, tmp_path, where):
@@ -105,7 +106,6 @@ def test_other_model_config_is_refused_in_one_line_before_loading(copied_run):
     p = run(*FAST, f"run_dir={copied_run}", "train.steps=12", "model.d_model=96")
     line = one_line_error(p)
     assert "saved with another model config" in line and "d_model: 64 -> 96" in line, line
-    assert "deepspeed" not in p.stderr.lower().replace("deepspeed.zero", ""), p.stderr[-2000:]
 
 
 def test_shard_data_cannot_change_world_size(tmp_path):
@@ -115,6 +115,20 @@ def test_shard_data_cannot_change_world_size(tmp_path):
     with pytest.raises(CheckpointError, match=r"step_1: saved by 2 ranks reading shards, this run has 1"):
         check_compatible(Path("step_1"), marker, {"d_model": 64}, 1, "shards")
     check_compatible(Path("step_1"), marker, {"d_model": 64}, 2, "shards")  # same world: fine
+
+
+def test_muon_and_zero_stage_changes_are_refused():
+    from megasleep.train.checkpoint import check_compatible
+
+    muon = {"world_size": 2, "zero_stage": 1, "config": {"optim": {"name": "muon"}, "data": {"source": "task"}}}
+    with pytest.raises(CheckpointError, match=r"s: saved by 2 ranks with ZeRO-1 and Muon"):
+        check_compatible(Path("s"), muon, None, 1, "task")
+    check_compatible(Path("s"), muon, None, 2, "task", 1)  # unchanged world and stage: a plain resume
+    for saved, now in ((0, 2), (1, 3), (3, 2)):
+        marker = {"world_size": 1, "zero_stage": saved, "config": {}}
+        with pytest.raises(CheckpointError, match=rf"s: saved with ZeRO-{saved}, this run uses ZeRO-{now}; "):
+            check_compatible(Path("s"), marker, None, 2, "task", now)
+    check_compatible(Path("s"), {"world_size": 1, "zero_stage": 1, "config": {}}, None, 2, "task", 2)
 
 
 class FakeEngine:

@@ -52,7 +52,7 @@ def test_resume_across_world_sizes(tmp_path, stage):
         assert f"resumed from {src} at step 3" in p.stderr
         assert "outside this run's checkpoint directory" in p.stderr
         if stage > 0:
-            assert f"saved by {saved} rank(s); resharding its ZeRO-{stage} state for {resumed}" in p.stderr
+            assert f"saved by {saved} rank(s); resharding its ZeRO-{stage} state for {resumed} rank(s)" in p.stderr
         got = losses(run)
         assert sorted(got) == [4, 5, 6], got
         diffs = {s: abs(got[s] - ref[saved][s]) for s in got}
@@ -68,8 +68,15 @@ def test_eval_only_of_a_two_rank_checkpoint_on_one_rank(tmp_path):
     run = tmp_path / "run"
     train(2, f"run_dir={run}", "eval.samples=16")
     p = train(1, f"run_dir={run}", "eval.samples=16", "--eval-only")
-    assert "resharding its ZeRO-1 state for 1" in p.stderr
+    assert "resharding its ZeRO-1 state for 1 rank(s)" in p.stderr
     assert (run / "eval.json").is_file()
+    # and `megasleep export` consolidates the 2-rank checkpoint (DeepSpeed's zero_to_fp32)
+    p = subprocess.run([PY, "-m", "megasleep.cli", "export", str(run), "--out", str(tmp_path / "export")], cwd=ROOT,
+                       env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    from megasleep.models.pretrained import load_weights
+
+    assert "embed_tokens.weight" in load_weights(tmp_path / "export")
 
 
 def test_data_position_survives_a_world_change(tmp_path):
