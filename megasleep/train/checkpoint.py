@@ -12,8 +12,8 @@ Layout of ``<run_dir>/checkpoints/``::
 Protocol: every rank writes its DeepSpeed shards and its ``megasleep_rank*.pt``; the ranks agree
 that every write succeeded (an all-reduce, so a full disk on one rank stops all of them with one
 line that says the disk is full); rank 0 writes ``megasleep.json`` and then switches ``latest``
-(both through :func:`atomic_path`: write ``.tmp``, fsync, ``os.replace``). A process killed at any point before the switch leaves ``latest`` naming the
-previous checkpoint, which is untouched; the half-written directory has no marker, is never loaded,
+(both through :func:`atomic_path`: write ``.tmp``, fsync, ``os.replace``). A process killed at any
+point before the switch leaves ``latest`` naming the previous checkpoint, which is untouched; the half-written directory has no marker, is never loaded,
 and is deleted by the next successful save. ``latest`` has DeepSpeed's format (a bare tag), so
 DeepSpeed's ``load_checkpoint`` and ``zero_to_fp32.py`` read it too. Keep-last-k counts complete
 checkpoints only and never deletes the one ``latest`` names.
@@ -357,7 +357,8 @@ class CheckpointManager:
             if self.rank == 0:
                 print(f"[megasleep] {tag_dir} was saved by {saved_world} rank(s); resharding its ZeRO-{zero} "
                       f"state for {self.world} rank(s) (DeepSpeed universal checkpoint)", file=sys.stderr, flush=True)
-            client = load_resharded(engine, Path(ckpt_dir), tag, self.dir, self.rank, self.barrier, load_optimizer)
+            client = load_resharded(engine, Path(ckpt_dir), tag, self.dir, self.rank, self.barrier, load_optimizer,
+                                    trust=self.trust)
         else:
             path, client = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=load_optimizer,
                                                   load_lr_scheduler_states=False)

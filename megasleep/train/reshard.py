@@ -21,6 +21,8 @@ are. The data position is defined in docs/checkpoint.md ("Resharding").
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import shutil
 import sys
@@ -61,9 +63,6 @@ def convert_to_universal(tag_dir: Path, out_dir: Path) -> Path:
     args = argparse.Namespace(input_folder=str(tag_dir), output_folder=str(tmp), num_extract_workers=1,
                               num_merge_workers=1, keep_temp_folder=False, strict=True,
                               inject_missing_state=True)  # pre-existing checkpoints lack DeepSpeed's info key
-    import contextlib
-    import io
-
     log = io.StringIO()
     try:
         with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):  # it prints every parameter
@@ -81,18 +80,29 @@ def convert_to_universal(tag_dir: Path, out_dir: Path) -> Path:
 
 
 def load_resharded(engine, src_dir: Path, tag: str, work_dir: Path, rank: int, barrier,
-                   load_optimizer: bool = True) -> dict[str, Any]:
+                   load_optimizer: bool = True, trust: bool = False) -> dict[str, Any]:
     """Load ``src_dir/tag`` (any world size, ZeRO 1-3) into ``engine``; returns DeepSpeed's client state.
 
-    The converted copy comes from next to the source if someone converted it ahead of time, else it
-    is made in ``work_dir`` by rank 0 (the others wait) and removed after every rank has loaded it."""
+    The converted copy comes from next to the source if someone converted it ahead of time (then it
+    is verified weights-only like the source), else it is made in ``work_dir`` by rank 0 (the others
+    wait) from the verified source and removed after every rank has loaded it."""
+    from megasleep.checkpoint.trust import verify_checkpoint
+
     pre = Path(src_dir) / universal_tag(tag)
     made = not converted(pre)
+    if not made:
+        verify_checkpoint(pre, trust)
     root = Path(work_dir) if made else Path(src_dir)
+    error = None
     if made and rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        convert_to_universal(Path(src_dir) / tag, root / universal_tag(tag))
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            convert_to_universal(Path(src_dir) / tag, root / universal_tag(tag))
+        except (ReshardError, OSError) as exc:  # raised after the barrier: the other ranks must not hang
+            error = exc
     barrier()
+    if error is not None:
+        raise error
     if not converted(root / universal_tag(tag)):
         raise ReshardError(f"{root / universal_tag(tag)}: the universal copy of {Path(src_dir) / tag} is missing "
                            "(rank 0 failed to convert it, or this rank cannot see rank 0's file system)")

@@ -64,12 +64,29 @@ def test_resume_across_world_sizes(tmp_path, stage):
 
 
 @pytest.mark.slow
-def test_eval_only_of_a_two_rank_checkpoint_on_one_rank(tmp_path):
+def test_zero1_checkpoint_resumes_under_zero2_on_other_ranks(tmp_path):
+    """ZeRO-1 and 2 share DeepSpeed's optimizer class and file format: the stage may switch between them."""
+    train(2, "deepspeed.zero_stage=1", f"run_dir={tmp_path / 'z1'}")
+    src = tmp_path / "z1" / "checkpoints" / "step_00000003"
+    train(1, "deepspeed.zero_stage=2", f"run_dir={tmp_path / 'z2'}", f"checkpoint.resume={src}")
+    ref, got = losses(tmp_path / "z1"), losses(tmp_path / "z2")
+    assert sorted(got) == [4, 5, 6] and max(abs(got[s] - ref[s]) for s in got) <= LOSS_TOL, (got, ref)
+
+
+@pytest.mark.slow
+def test_eval_only_and_export_of_a_two_rank_checkpoint_on_one_rank(tmp_path):
+    from megasleep.train.reshard import main as reshard_main
+
     run = tmp_path / "run"
     train(2, f"run_dir={run}", "eval.samples=16")
+    # converted ahead of time (python -m megasleep.train.reshard): the resume uses that copy and keeps it
+    tag_dir = run / "checkpoints" / "step_00000006"
+    assert reshard_main([str(tag_dir)]) == 0
+    pre = run / "checkpoints" / "step_00000006.universal"
+    assert (pre / "megasleep-universal.json").is_file() and (pre / "zero").is_dir()
     p = train(1, f"run_dir={run}", "eval.samples=16", "--eval-only")
     assert "resharding its ZeRO-1 state for 1 rank(s)" in p.stderr
-    assert (run / "eval.json").is_file()
+    assert (run / "eval.json").is_file() and pre.is_dir()
     # and `megasleep export` consolidates the 2-rank checkpoint (DeepSpeed's zero_to_fp32)
     p = subprocess.run([PY, "-m", "megasleep.cli", "export", str(run), "--out", str(tmp_path / "export")], cwd=ROOT,
                        env=env(), capture_output=True, text=True, timeout=300)
