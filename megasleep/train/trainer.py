@@ -35,6 +35,7 @@ from megasleep.train.checkpoint import (
     MARKER,
     CheckpointError,
     CheckpointManager,
+    atomic_write,
     complete_tags,
     resolve_resume,
     rng_state,
@@ -302,8 +303,8 @@ class Trainer:
         if found is None:
             return None
         ckpt_dir, tag = found
-        client, rank_state = self.ckpt.load(self.engine, ckpt_dir, tag, model_cfg=self.cfg.model_cfg.model_dump(mode="json"),
-                                            data_source=self.cfg.data.source)
+        client, rank_state = self.ckpt.load(self.engine, ckpt_dir, tag, data_source=self.cfg.data.source,
+                                            model_cfg=self.cfg.model_cfg.model_dump(mode="json"))
         self.load_state_dict(client, rank_state)
         self.last_saved_step = self.step if Path(ckpt_dir) == self.ckpt_dir else -1
         return str(Path(ckpt_dir) / tag)
@@ -331,8 +332,7 @@ class Trainer:
             tags = complete_tags(self.ckpt_dir)
             latest = self.ckpt_dir / LATEST
             if tags:
-                (self.ckpt_dir / (LATEST + ".tmp")).write_text(tags[-1])
-                (self.ckpt_dir / (LATEST + ".tmp")).replace(latest)
+                atomic_write(latest, tags[-1])
             else:
                 latest.unlink(missing_ok=True)
         self.barrier()
