@@ -90,7 +90,7 @@ def test_payload_does_not_run_through_resume_eval_or_export(copied_run, tmp_path
     tag_dir = copied_run / "checkpoints" / "step_00000010"
     marker = tmp_path / PLANTED
     plant(tag_dir / where, marker)
-    base = [*FAST, f"run_dir={copied_run}", "train.steps=11"]
+    base = [*FAST, f"run_dir={copied_run}"]  # resume at step 10 of 10: loads, then nothing to train
     for p in (run(*base), run(*base, "--eval-only"),
               run(str(copied_run), "--out", str(tmp_path / "export"), cmd="export")):
         line = one_line_error(p)
@@ -103,7 +103,7 @@ def test_payload_does_not_run_through_resume_eval_or_export(copied_run, tmp_path
 
 
 def test_other_model_config_is_refused_in_one_line_before_loading(copied_run):
-    p = run(*FAST, f"run_dir={copied_run}", "train.steps=12", "model.d_model=96")
+    p = run(*FAST, f"run_dir={copied_run}", "model.d_model=96")
     line = one_line_error(p)
     assert "saved with another model config" in line and "d_model: 64 -> 96" in line, line
 
