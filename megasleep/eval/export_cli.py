@@ -9,9 +9,9 @@ DeepSpeed checkpoints: the weights are consolidated with DeepSpeed's own
 ranks, fp32 master weights); a stage-0 checkpoint is read from its ``mp_rank_00_model_states.pt``. The
 model config comes from the training marker ``<tag>/megasleep.json`` (``config.model``; the trainer
 writes it, with ``config.sleep`` and the tokenizer path), or from ``--config`` (a model YAML, an
-experiment YAML with a ``model:`` section, or a config.json). These are our own training checkpoints:
-DeepSpeed's files hold pickled Python objects besides tensors and are read as DeepSpeed reads them.
-Released checkpoints are only ever read weights-only (``megasleep.models.pretrained``).
+experiment YAML with a ``model:`` section, or a config.json). Every file of the checkpoint is first
+verified weights-only (``megasleep.checkpoint.trust``; ``--trust-checkpoint`` skips that). Released
+checkpoints are only ever read weights-only (``megasleep.models.pretrained``).
 """
 
 from __future__ import annotations
@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=None, help="record this training window L (if not in the marker)")
     p.add_argument("--passes", type=int, default=None, help="record this training N (if not in the marker)")
     p.add_argument("--eviction", choices=["hard", "sliding"], default=None)
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the checkpoint without the weights-only check (only if you trust its author)")
 
 
 def strip_prefix(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -84,8 +86,9 @@ def _model_config_from_file(path: Path):
     return load_model_config(path), sleep
 
 
-def read_training_checkpoint(ckpt_dir: Path, tag: str, config: str | None = None):
+def read_training_checkpoint(ckpt_dir: Path, tag: str, config: str | None = None, trust: bool = False):
     """(state dict, ModelConfig, sleep dict, tokenizer path, provenance) of a DeepSpeed checkpoint."""
+    from megasleep.checkpoint.trust import safe_load, verify_checkpoint
     from megasleep.config import validate
     from megasleep.models.config import ModelConfig
 
@@ -102,6 +105,7 @@ def read_training_checkpoint(ckpt_dir: Path, tag: str, config: str | None = None
     else:
         raise ValueError(f"{tag_dir}: no model config (no megasleep.json marker with config.model); "
                          f"pass --config MODEL.yaml")
+    verify_checkpoint(tag_dir, trust)  # DeepSpeed's zero_to_fp32 unpickles without restrictions
     zero_files = list(tag_dir.glob("*zero_pp_rank_*optim_states.pt")) + list(tag_dir.glob("zero_pp_rank_*"))
     if zero_files:
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -112,13 +116,12 @@ def read_training_checkpoint(ckpt_dir: Path, tag: str, config: str | None = None
         f = tag_dir / "mp_rank_00_model_states.pt"
         if not f.is_file():
             raise FileNotFoundError(f"{tag_dir}: neither ZeRO shards nor mp_rank_00_model_states.pt")
-        # our own (trusted) training checkpoint: DeepSpeed stores its config objects in this pickle
-        state = torch.load(f, map_location="cpu", weights_only=False)["module"]
+        state = safe_load(f, trust)["module"]
         how = "model_states"
     state = strip_prefix({k: v for k, v in state.items()})
     tok = marker.get("tokenizer_path")
     source = {"kind": "deepspeed", "checkpoint": str(tag_dir.resolve()), "tag": tag, "step": marker.get("step"),
-              "consolidation": how}
+              "consolidation": how, "data": marker.get("data")}
     return state, cfg, sleep, (Path(tok) if tok else None), source
 
 
@@ -139,7 +142,7 @@ def main(args) -> int:
     if not args.checkpoint:
         raise ValueError("give a DeepSpeed checkpoint path or --from-mamba-ssm DIR")
     ckpt_dir, tag = resolve_checkpoint(args.checkpoint, args.tag)
-    state, cfg, sleep, tok, source = read_training_checkpoint(ckpt_dir, tag, args.config)
+    state, cfg, sleep, tok, source = read_training_checkpoint(ckpt_dir, tag, args.config, args.trust_checkpoint)
     tok = Path(args.tokenizer) if args.tokenizer else (tok if tok is not None and tok.is_file() else None)
     sleep = {k: v for k, v in dict(sleep or {}).items() if k in ("window", "passes", "eviction", "random_passes")}
     for k in ("window", "passes", "eviction"):

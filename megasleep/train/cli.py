@@ -40,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate the run's latest checkpoint at eval.passes (writes eval.json) and exit")
     # `deepspeed --module megasleep.train.cli` appends --local_rank=N (LOCAL_RANK in the environment says the same)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load checkpoint files without the weights-only check (= checkpoint.trust=true)")
 
 
 def trainer_class():
@@ -107,6 +109,8 @@ def main(args) -> int:
         config, overrides = None, [config, *overrides]
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if getattr(args, "trust_checkpoint", False):
+        overrides.append("checkpoint.trust=true")
     cfg = load_experiment(config, overrides)
     if args.print_config:
         from megasleep.train.config import dump_yaml

@@ -152,6 +152,8 @@ class CheckpointConfig(StrictModel):
                                                     "and the directory lacks keep their fresh init (reported)")
     allow_steps_change: bool = Field(False, description="resume with another train.steps: re-plan the lr "
                                                         "schedule over the new length (else refused)")
+    trust: bool = Field(False, description="unpickle checkpoint files without the weights-only check "
+                                           "(only for checkpoints whose author you trust)")
 
 
 class DeepSpeedConfig(StrictModel):

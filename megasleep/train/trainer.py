@@ -211,7 +211,8 @@ class Trainer:
         return engine
 
     def build_checkpointer(self) -> CheckpointManager:
-        return CheckpointManager(self.ckpt_dir, self.cfg.checkpoint.keep_last, self.rank, self.world, self.barrier)
+        return CheckpointManager(self.ckpt_dir, self.cfg.checkpoint.keep_last, self.rank, self.world, self.barrier,
+                                 trust=self.cfg.checkpoint.trust)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -258,7 +259,8 @@ class Trainer:
         if found is None:
             return None
         ckpt_dir, tag = found
-        client, rank_state = self.ckpt.load(self.engine, ckpt_dir, tag)
+        client, rank_state = self.ckpt.load(self.engine, ckpt_dir, tag, data_source=self.cfg.data.source,
+                                            model_cfg=self.cfg.model_cfg.model_dump(mode="json"))
         self.load_state_dict(client, rank_state)
         self.last_saved_step = self.step if Path(ckpt_dir) == self.ckpt_dir else -1
         return str(Path(ckpt_dir) / tag)
