@@ -12,6 +12,7 @@ import math
 from collections import defaultdict
 from pathlib import Path
 
+from megasleep.study.diagnose import diagnostics_section
 from megasleep.train.evaluate import passes_of
 
 Z95 = 1.959964
@@ -282,6 +283,7 @@ def write_report(cfg, results: list[dict], directory: Path, *, command: str, har
         f"## Accuracy by {cfg.difficulty_name} (own N, seeds pooled)", "",
         difficulty_table(results, cfg.difficulty_name), "",
         "## Every model at every N (seeds pooled)", "", cross_table(results), "",
+        *diagnostics_section(results),
         "## Cost", "", cost_table(results), "",
         f"![accuracy]({png.name})", ""]
     md = directory / "results.md"
