@@ -83,6 +83,8 @@ def test_pointer_rejects_bad_params(pointer_tok):
         task.make_sample(rng, 9, pointer_tok, **task.defaults)
     with pytest.raises(ValueError, match="return to the start"):
         task.make_sample(rng, 4, pointer_tok, n_min=4, n_max=4, graph_len=36)
+    with pytest.raises(ValueError, match="6-cycle return to the start"):
+        task.make_sample(rng, 6, pointer_tok, n_min=4, n_max=8, graph_len=36)
 
 
 def test_guess_ceiling():

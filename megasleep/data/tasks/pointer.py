@@ -44,8 +44,9 @@ def check_params(k: int, n_min: int, n_max: int, graph_len: int) -> None:
         raise ValueError(f"pointer: need 2 <= n_min <= n_max <= {len(NAMES)} (got n_min={n_min}, n_max={n_max})")
     if EDGE_TOKENS * n_max > graph_len:
         raise ValueError(f"pointer: {n_max} edges of {EDGE_TOKENS} tokens do not fit in graph_len={graph_len}")
-    if k % n_min == 0:
-        raise ValueError(f"pointer: k={k} hops around a {n_min}-cycle return to the start node; "
+    back = [n for n in range(n_min, n_max + 1) if k % n == 0]
+    if back:
+        raise ValueError(f"pointer: k={k} hops around a {back[0]}-cycle return to the start node; "
                          f"use k < n_min={n_min}")
 
 
