@@ -74,10 +74,15 @@ def status_rows(runs: dict[str, tuple[int, dict[str, dict[str, float]]]]) -> dic
     return rows
 
 
+def _n_of(key: str) -> int:
+    """The N of a diagnostics key ``"N=4"``."""
+    return int(key.split("=")[1])
+
+
 def diagnostics_section(results: list[dict]) -> list[str]:
     """Lines of a study report (``results.md``): every run's diagnostics at its own N and its collapse
     status, and which runs cannot count as evidence about sleep. Empty when no run was diagnosed."""
-    runs = {r["name"]: (r["passes"] or max(int(k.split("=")[1]) for k in r["diagnostics"])  # keys "N=4", r["diagnostics"])
+    runs = {r["name"]: (r["passes"] or max(_n_of(k) for k in r["diagnostics"]), r["diagnostics"])
             for r in results if r.get("diagnostics")}
     if not runs:
         return []
