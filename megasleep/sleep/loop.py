@@ -77,8 +77,20 @@ class SleepRunner:
         return fn(*args)
 
     def core_pass(self, h: Tensor, caches: Caches, ctx: MixContext) -> tuple[Tensor, Caches]:
-        idx = self.model.core_idx
-        return self._maybe_checkpoint(lambda x: self.model.run_blocks(idx, x, caches, ctx), h)
+        """One pass of the core. Activation checkpointing (training only): the whole (window, pass)
+        by default; with ``checkpoint_blocks = k`` every k-th block alone (the others keep their
+        activations: less recompute, more memory; docs/performance.md has the measurements)."""
+        idx, k = self.model.core_idx, self.cfg.checkpoint_blocks
+        if k is None or not (self.cfg.checkpoint and torch.is_grad_enabled()):
+            return self._maybe_checkpoint(lambda x: self.model.run_blocks(idx, x, caches, ctx), h)
+        caches = list(caches)
+        for n, i in enumerate(idx):
+            if n % k == 0:
+                h, caches[i] = checkpoint(lambda x, i=i, c=caches[i]: self.model.layers[i](x, c, ctx), h,
+                                          use_reentrant=False)
+            else:
+                h, caches[i] = self.model.layers[i](h, caches[i], ctx)
+        return h, caches
 
     def wake_head_loss(self, h, caches, ctx, targets, target_mask, need_logits):
         """coda + head + masked CE of one window (checkpointed: the [B, L, V] logits are the big part)."""
