@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("megasleep.eval.cli", "evaluate a checkpoint at several sleep depths"),
     "export": ("megasleep.eval.export_cli", "DeepSpeed checkpoint -> HF-style directory"),
     "study": ("megasleep.study.cli", "train one experiment at several N and seeds, tables with intervals"),
+    "plan": ("megasleep.plan", "per-GPU memory, batch/world checks and FLOPs of a config on K nodes x G GPUs"),
 }
 
 
