@@ -17,6 +17,15 @@ import torch
 from ops_cpu import Row, _ms, timed_pair
 
 
+def preload() -> None:
+    """Import the HF modeling modules before anything registers megasleep's stand-ins for the CUDA
+    extensions: transformers picks its kernel-or-torch implementation at import time, and must see
+    that causal_conv1d / mamba_ssm cannot run here (the comparison is with its pure-torch path)."""
+    import transformers.models.llama.modeling_llama  # noqa: F401
+    import transformers.models.mamba2.modeling_mamba2  # noqa: F401
+    import transformers.models.qwen3_next.modeling_qwen3_next  # noqa: F401
+
+
 def _ms_cfg(kind: str, a: argparse.Namespace):
     from megasleep.models import ModelConfig
 

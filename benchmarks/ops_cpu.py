@@ -240,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows: list[Row] = []
+    import hf_peers
+
+    hf_peers.preload()
     for name in args.only or list(BENCHES):
         rows.extend(BENCHES[name](args))
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "
