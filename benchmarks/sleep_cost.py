@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peak_memory import peak_bytes  # noqa: E402
 
 # activation-checkpointing policies: SleepConfig fields
-POLICIES = {"none": dict(checkpoint=False), "pass": dict(checkpoint=True),
+POLICIES = {"none": dict(checkpoint=False), "pass": dict(checkpoint=True, checkpoint_blocks=None),
             "blocks:1": dict(checkpoint=True, checkpoint_blocks=1),
             "blocks:2": dict(checkpoint=True, checkpoint_blocks=2)}
 

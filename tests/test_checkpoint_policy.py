@@ -10,7 +10,7 @@ import megasleep.sleep.loop as loop
 from megasleep.sleep import SleepConfig, sleep_forward
 from tests.conftest import tiny_model
 
-POLICIES = {"none": dict(checkpoint=False), "pass": dict(checkpoint=True),
+POLICIES = {"none": dict(checkpoint=False), "pass": dict(checkpoint=True, checkpoint_blocks=None),
             "blocks:1": dict(checkpoint=True, checkpoint_blocks=1),
             "blocks:2": dict(checkpoint=True, checkpoint_blocks=2)}
 
