@@ -238,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sections = [("kernels", "## Kernel vs torch (chunked) speed", kernel_rows, (args.quick,),
                  ["op", "shape", "torch ms", "cuda ms", "speed-up"]),
                 ("train", "## Training throughput (bf16 autocast, AdamW, single GPU = ZeRO-0, "
-                          "default activation checkpointing: every block)", train_rows, (args,),
+                          "activation checkpointing per (window, pass))", train_rows, (args,),
                  TRAIN_HEADER),
                 ("wake", "## Wake latency (streaming engine)", wake_rows, (args.quick,),
                  ["model", "context", "ms / token", "ratio vs 512"])]

@@ -133,7 +133,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def report(args) -> str:
     rows = time_steps(args)
     lines = [f"### Sleep cost, tiny model, batch {args.batch}, T={args.seq}, L={args.window} "
-             "(fwd+bwd, default checkpointing: per (window, pass))",
+             "(fwd+bwd, SleepConfig's default checkpointing)",
              "", "| N | step (s) | (window, pass) forwards | time / time(N=1) | forwards / forwards(N=1) "
              "| overhead (goal <= 1.05) |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:

@@ -23,9 +23,9 @@ class SleepConfig(StrictModel):
         None, gt=0, description="inference: stop sleeping once every state's relative change < tol")
     checkpoint: bool = Field(True, description="activation checkpointing per (window, pass) when training")
     checkpoint_blocks: int | None = Field(
-        1, ge=1, description="with checkpoint: recompute every k-th core block on its own (1 = every "
-        "block, the default: same recompute as per pass, a third of its peak memory at 350m-7b); "
-        "None = whole (window, pass)es; docs/performance.md")
+        None, ge=1, description="with checkpoint: recompute every k-th core block on its own instead of "
+        "whole (window, pass)es (1 = every block: a third of the activation memory for the 350m-7b "
+        "configs); None = per (window, pass), the default; docs/performance.md")
 
     @model_validator(mode="after")
     def _check(self) -> SleepConfig:
