@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import megasleep.sleep.loop as loop
+from megasleep.plan import _saved_bytes
 from megasleep.sleep import SleepConfig, sleep_forward
 from tests.conftest import tiny_model
 
@@ -18,15 +19,10 @@ POLICIES = {"none": dict(checkpoint=False), "pass": dict(checkpoint=True, checkp
 def step(policy, dtype=torch.float64):
     model = tiny_model("GAMAGM", n_prelude=1, n_coda=1, dtype=dtype)
     ids = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(3))
-    saved = 0
-
-    def pack(t):
-        nonlocal saved
-        saved += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = sleep_forward(model, ids, SleepConfig(window=8, passes=2, **POLICIES[policy]))
+    box = {}
+    saved = _saved_bytes(lambda: box.setdefault("out", sleep_forward(
+        model, ids, SleepConfig(window=8, passes=2, **POLICIES[policy]))))
+    out = box["out"]
     out.loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     return out.loss.detach(), grads, saved
