@@ -74,7 +74,8 @@ def test_training_step_has_no_host_sync_in_the_loop(guarded_loop, eviction, chec
     docs[:, 17:] = 1
     cfg = SleepConfig(window=8, passes=3, eviction=eviction, checkpoint=checkpoint, truncate_backprop=1)
     out = sleep_forward(model, ids, cfg, loss_mask=mask, doc_ids=docs)
-    out.loss.backward()
+    with forbid_host_sync():  # the backward, with its recomputation of checkpointed regions, too
+        out.loss.backward()
     # counted on the host outside the loop: targets are positions t with loss_mask[t + 1]
     assert out.window_tokens == [0, 10, 16, 10] and out.n_tokens == 36
     assert out.window_loss[0] != out.window_loss[0]  # nan: no targets

@@ -96,9 +96,11 @@ class SleepRunner:
         """coda + head + masked CE of one window (checkpointed: the [B, L, V] logits are the big part)."""
         model = self.model
 
+        # decided now, on the host, so that the recomputation in backward takes the same branch without a sync
+        has_targets = self.window_targets > 0 if self.window_targets is not None else bool(target_mask.any())
+
         def fn(x):
             x, new = model.run_blocks(model.coda_idx, x, caches, ctx)
-            has_targets = self.window_targets > 0 if self.window_targets is not None else bool(target_mask.any())
             if not need_logits and not has_targets:
                 return None, new, x.new_zeros(())
             logits = model.head(x)
@@ -227,6 +229,7 @@ def window_target_counts(tmask: Tensor, window: int) -> list[int]:
     pad = -T % window
     padded = F.pad(tmask.to(torch.int64), (0, pad))
     return padded.view(B, -1, window).sum((0, 2)).tolist()
+
 
 def sleep_forward(model: HybridLM, input_ids: Tensor, cfg: SleepConfig, loss_mask: Tensor | None = None,
                   doc_ids: Tensor | None = None, step: int | None = None, return_logits: bool = False,
