@@ -16,6 +16,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+TRAIN_HEADER = ["model", "N", "batch x T", "tokens/s", "model TFLOP/s", "MFU", "peak GiB",
+                "tokens/s / tokens/s(N=1)", ">= 1/N"]
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, SXM parts
 
 
@@ -37,6 +39,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.seq < 1 or args.window < 1 or args.batch < 1 or args.steps < 1:
         p.error("--seq, --window, --batch and --steps must be >= 1")
     return args
+
+
+def git_commit() -> str:
+    """The checked-out commit (and whether the tree has local changes), for the report header."""
+    import subprocess
+
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+                               capture_output=True, text=True).stdout.strip()
+        return head + (" (with local changes)" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -145,6 +161,7 @@ def train_rows(args) -> list[list[object]]:
         d_attn = cfg.attn.n_heads * cfg.attn_head_dim
         T, L, B = args.seq, args.window, args.batch
         ids = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
+        base = None
         for n in args.passes:
             scfg = SleepConfig(window=L, passes=n)
             state = {}
@@ -169,8 +186,12 @@ def train_rows(args) -> list[list[object]]:
             flops += 12 * n_attn * d_attn * (L / 2) * tokens * passes_per_window
             tflops = flops / t / 1e12
             mem = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else float("nan")
-            rows.append([model_name, n, f"{B}x{T}, L={L}", tokens / t, tflops,
-                         f"{100 * tflops / peak:.1f}%" if peak else "-", mem])
+            tps = tokens / t
+            base = base if n != args.passes[0] else tps
+            # goal: throughput at N >= 1/N of N=1's (sleep costs its passes and nothing more)
+            rows.append([model_name, n, f"{B}x{T}, L={L}", tps, tflops,
+                         f"{100 * tflops / peak:.1f}%" if peak else "-", mem, tps / base,
+                         "yes" if tps / base >= 1 / n * 0.999 else "NO"])
         del model, opt
         torch.cuda.empty_cache()
     return rows
@@ -200,8 +221,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     import torch
 
     if args.device == "cpu":
-        print(markdown_table(["model", "N", "batch x T", "tokens/s", "model TFLOP/s", "MFU", "peak GiB"],
-                             train_rows(args)))
+        print(markdown_table(TRAIN_HEADER, train_rows(args)))
         return 0
     if not torch.cuda.is_available():
         print("gpu_check: CUDA is not available on this machine; nothing to measure.", file=sys.stderr)
@@ -211,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     from megasleep.ops._peers import kernel_report
 
     name = torch.cuda.get_device_name()
-    parts = [f"# GPU check — {_dt.date.today().isoformat()}", "",
+    parts = [f"# GPU check — {_dt.date.today().isoformat()}", "", f"- commit: {git_commit()}",
              f"- device: {name}; torch {torch.__version__}; CUDA {torch.version.cuda}; "
              f"python {platform.python_version()}", "- kernels: " + "; ".join(
                  f"{k}: {v}" for k, v in kernel_report().items()), ""]
@@ -219,7 +239,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  ["op", "shape", "torch ms", "cuda ms", "speed-up"]),
                 ("train", "## Training throughput (bf16 autocast, AdamW, single GPU = ZeRO-0, "
                           "activation checkpointing per (window, pass))", train_rows, (args,),
-                 ["model", "N", "batch x T", "tokens/s", "model TFLOP/s", "MFU", "peak GiB"]),
+                 TRAIN_HEADER),
                 ("wake", "## Wake latency (streaming engine)", wake_rows, (args.quick,),
                  ["model", "context", "ms / token", "ratio vs 512"])]
     for key, title, fn, fargs, header in sections:

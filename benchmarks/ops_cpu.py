@@ -6,8 +6,12 @@
 Rows:
 * ``ssd``: ``megasleep.ops.ssd_chunk`` (forward + backward, with an initial state, gradients to
   every input) vs ``mamba_ssm.modules.ssd_minimal.ssd_minimal_discrete`` doing the same. Goal >= 1.0x.
-* ``gdn``: ``megasleep.ops.gdn_chunk`` vs ``fla.ops.gated_delta_rule.naive_recurrent_gated_delta_rule``
-  at T=2048, forward+backward and forward only. Goal >= 10x.
+* ``gdn``: ``megasleep.ops.gdn_chunk`` vs the chunked pure-torch peers, FLA's
+  ``naive_chunk_gated_delta_rule`` and transformers' (Qwen3-Next) ``torch_chunk_gated_delta_rule``,
+  at T=2048, forward+backward with initial and final state. Goal >= 1.0x.
+* ``sleep``: tiny-model training step at N=2,4 vs N=1 and its peak memory (benchmarks/sleep_cost.py).
+* ``mixer``, ``hf_step``: whole Mamba-2 mixer and same-size training steps against Hugging Face
+  models (benchmarks/hf_peers.py).
 
 The two sides of a row are timed alternately (interleaved) and the minimum over ``--repeats`` is
 reported, so background load hurts both sides alike. More rows (model-level timings) plug in by
@@ -25,6 +29,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 @dataclasses.dataclass
@@ -130,33 +136,51 @@ def bench_ssd(args) -> list[Row]:
 
 
 def bench_gdn(args) -> list[Row]:
+    """Our chunked GDN vs the chunked pure-torch peers (fwd+bwd, initial state, final state)."""
     from megasleep.ops import _peers, gdn_chunk
     from megasleep.ops.testing import make_gdn_inputs
 
-    naive, why = _peers.fla_naive_recurrent_gated_delta_rule()
     b, t, h, d, q = args.gdn_batch, args.gdn_T, args.gdn_heads, args.gdn_headdim, args.chunk_size
     cfg = f"B={b} T={t} H={h} K=V={d} Q={q} fp32"
-    if naive is None:
-        return [Row("GDN chunk vs fla naive_recurrent", cfg, f"skipped: {why}", float("nan"), 10.0)]
     inp = make_gdn_inputs(b, t, h, d, d, dtype=torch.float32, seed=0)
+    fla, fla_why = _peers.fla_naive_chunk_gated_delta_rule()
+    hf, hf_why = _peers.hf_torch_chunk_gated_delta_rule()
 
-    def ref(q, k, v, g, beta, initial_state):
-        return naive(q, k, v, beta, g, initial_state=initial_state, output_final_state=True)
+    def fla_ref(q, k, v, g, beta, initial_state):
+        return fla(q, k, v, g, beta, chunk_size=args.chunk_size, initial_state=initial_state,
+                   output_final_state=True)
+
+    def hf_ref(q, k, v, g, beta, initial_state):
+        # transformers scales q by K^-1/2 inside, like ours and FLA's default
+        return hf(q, k, v, g, beta, chunk_size=args.chunk_size, initial_state=initial_state,
+                  output_final_state=True)
 
     rows = []
-    reps = max(1, args.repeats // 2)  # the reference takes seconds per call
-    ours, theirs = timed_pair(fwd_bwd(gdn_chunk, inp, chunk_size=q), fwd_bwd(ref, inp), reps)
-    rows.append(Row("GDN chunk vs fla naive_recurrent (fwd+bwd, init state)", cfg,
-                    f"ours {_ms(ours)} / ref {_ms(theirs)}", theirs / ours, 10.0))
-    ours, theirs = timed_pair(fwd_only(gdn_chunk, inp, chunk_size=q), fwd_only(ref, inp), args.repeats)
-    rows.append(Row("GDN chunk vs fla naive_recurrent (fwd only)", cfg,
-                    f"ours {_ms(ours)} / ref {_ms(theirs)}", theirs / ours, 10.0))
+    for name, ref, why in (("fla naive_chunk_gated_delta_rule", fla_ref if fla else None, fla_why),
+                           ("transformers torch_chunk_gated_delta_rule", hf_ref if hf else None, hf_why)):
+        label = f"GDN chunk vs {name} (fwd+bwd, init state)"
+        if ref is None:
+            rows.append(Row(label, cfg, f"skipped: {why}", float("nan"), 1.0))
+            continue
+        ours, theirs = timed_pair(fwd_bwd(gdn_chunk, inp, chunk_size=q), fwd_bwd(ref, inp), args.repeats)
+        rows.append(Row(label, cfg, f"ours {_ms(ours)} / ref {_ms(theirs)}", theirs / ours, 1.0))
     return rows
+
+
+def bench_mixer(args) -> list[Row]:
+    import hf_peers
+
+    return hf_peers.bench_mixer(args)
+
+
+def bench_hf_steps(args) -> list[Row]:
+    import hf_peers
+
+    return hf_peers.bench_hf_steps(args)
 
 
 def bench_sleep(args) -> list[Row]:
     """Tiny-model training step at N=2,4 vs N=1, per (window, pass) forward; peak memory N=4 / N=1."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     import sleep_cost
 
     ns = argparse.Namespace(batch=args.sleep_batch, seq=args.sleep_T, window=args.sleep_window,
@@ -168,15 +192,15 @@ def bench_sleep(args) -> list[Row]:
                         f"{r['time_ratio']:.2f}x time / {r['forward_ratio']:.2f}x forwards ({r['forwards']} vs "
                         f"{round(r['forwards'] / r['forward_ratio'])})",
                         r["overhead"], goal=1.05, higher_is_better=False))
-    rss = {n: sleep_cost.peak_rss(ns, n) for n in (1, 4)}
-    rows.append(Row("peak memory of a train step, N=4 / N=1", cfg + " (fresh process each)",
+    rss = {n: sleep_cost.peak_step(ns, n, "pass") for n in (1, 4)}
+    rows.append(Row("peak memory of a train step, N=4 / N=1", cfg + " (fresh process each, peak reset)",
                     f"{rss[4] / 2**20:.0f} MiB / {rss[1] / 2**20:.0f} MiB", rss[4] / max(rss[1], 1),
                     goal=1.5, higher_is_better=False))
     return rows
 
 
 BENCHES: dict[str, Callable[[argparse.Namespace], list[Row]]] = {
-    "ssd": bench_ssd, "gdn": bench_gdn, "sleep": bench_sleep}
+    "ssd": bench_ssd, "gdn": bench_gdn, "sleep": bench_sleep, "mixer": bench_mixer, "hf_step": bench_hf_steps}
 
 
 def format_table(rows: list[Row]) -> str:
@@ -205,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gdn-T", type=int, default=2048)
     ap.add_argument("--gdn-heads", type=int, default=4)
     ap.add_argument("--gdn-headdim", type=int, default=64)
+    import hf_peers
+
+    hf_peers.add_arguments(ap)
     return ap
 
 
@@ -213,6 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows: list[Row] = []
+    import hf_peers
+
+    hf_peers.preload()
     for name in args.only or list(BENCHES):
         rows.extend(BENCHES[name](args))
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, "

@@ -4,25 +4,32 @@ For the tiny model, one training step (sleep forward + backward) at N = 1, 2, 4 
 in one run. ``overhead(N) = (time(N) / time(1)) / (forwards(N) / forwards(1))`` where ``forwards`` is the
 number of (window, core pass) forwards actually executed (goal <= 1.05: the loop adds nothing beyond the
 passes themselves). Memory: bytes of activations saved for backward (exact, via saved-tensor hooks) and
-the step's peak RSS above the pre-step RSS, measured in a fresh subprocess per N (goal N=4 / N=1 <= 1.5
-with activation checkpointing on).
+the step's peak memory above the pre-step level with the peak mark reset just before the step
+(benchmarks/peak_memory.py), in a fresh subprocess per (N, checkpointing policy) after one warm-up
+step (goal N=4 / N=1 <= 1.5 with the default policy). The policy table is what the default
+activation-checkpointing policy was chosen from (docs/performance.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import resource
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_memory import peak_bytes  # noqa: E402
+
+# activation-checkpointing policies: SleepConfig fields
+POLICIES = {"none": dict(checkpoint=False), "pass": dict(checkpoint=True, checkpoint_blocks=None),
+            "blocks:1": dict(checkpoint=True, checkpoint_blocks=1),
+            "blocks:2": dict(checkpoint=True, checkpoint_blocks=2)}
 
 
-def _setup(args, passes: int, checkpoint: bool = True):
+def _setup(args, passes: int, policy: str = "pass"):
     import torch
 
     from megasleep.models import HybridLM, load_model_config
@@ -32,7 +39,7 @@ def _setup(args, passes: int, checkpoint: bool = True):
     cfg = load_model_config(ROOT / "configs/models/tiny.yaml", ["kernels=torch"])
     model = HybridLM(cfg)
     ids = torch.randint(0, cfg.vocab_size, (args.batch, args.seq))
-    scfg = SleepConfig(window=args.window, passes=passes, checkpoint=checkpoint)
+    scfg = SleepConfig(window=args.window, passes=passes, **POLICIES[policy])
     return model, ids, scfg
 
 
@@ -45,11 +52,11 @@ def train_step(model, ids, scfg):
     return out
 
 
-def time_steps(args) -> list[dict]:
+def time_steps(args, policy: str = "pass") -> list[dict]:
     import torch
 
     rows = []
-    setups = {n: _setup(args, n) for n in args.passes}
+    setups = {n: _setup(args, n, policy) for n in args.passes}
     for n in args.passes:  # warm-up
         train_step(*setups[n])
     times = {n: [] for n in args.passes}
@@ -71,10 +78,24 @@ def time_steps(args) -> list[dict]:
     return rows
 
 
-def saved_bytes(args, passes: int, checkpoint: bool) -> int:
+def time_policies(args, passes: int) -> dict[str, float]:
+    """Median step time per checkpointing policy at N = ``passes``, interleaved in one run."""
+    setups = {p: _setup(args, passes, p) for p in POLICIES}
+    for p in POLICIES:  # warm-up
+        train_step(*setups[p])
+    times = {p: [] for p in POLICIES}
+    for _ in range(args.repeats):
+        for p in POLICIES:
+            t0 = time.perf_counter()
+            train_step(*setups[p])
+            times[p].append(time.perf_counter() - t0)
+    return {p: sorted(t)[len(t) // 2] for p, t in times.items()}
+
+
+def saved_bytes(args, passes: int, policy: str) -> int:
     import torch
 
-    model, ids, scfg = _setup(args, passes, checkpoint)
+    model, ids, scfg = _setup(args, passes, policy)
     total = 0
 
     def pack(t):
@@ -87,20 +108,15 @@ def saved_bytes(args, passes: int, checkpoint: bool) -> int:
     return total
 
 
-def _child_peak(args, passes: int) -> None:
-    """Run in a fresh process: print peak RSS growth (bytes) of one training step."""
-    model, ids, scfg = _setup(args, passes)
-    train_step(model, ids, scfg)  # allocator warm-up at N=1 shapes would bias; use the same N
-    with open("/proc/self/statm") as f:
-        rss_before = int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    train_step(model, ids, scfg)
-    peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"peak_growth": max(peak_after, peak_before) - rss_before}))
+def _child_peak(args, passes: int, policy: str) -> None:
+    """Run in a fresh process: print the peak memory growth (bytes) of one training step."""
+    model, ids, scfg = _setup(args, passes, policy)
+    train_step(model, ids, scfg)  # warm-up: lazy imports, RoPE tables, allocator pools
+    print(json.dumps({"peak_growth": peak_bytes(lambda: train_step(model, ids, scfg))}))
 
 
-def peak_rss(args, passes: int) -> int:
-    cmd = [sys.executable, __file__, "--child-peak", str(passes), "--batch", str(args.batch),
+def peak_step(args, passes: int, policy: str) -> int:
+    cmd = [sys.executable, __file__, "--child-peak", str(passes), "--policy", policy, "--batch", str(args.batch),
            "--seq", str(args.seq), "--window", str(args.window)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True, cwd=ROOT).stdout
     return json.loads(out.strip().splitlines()[-1])["peak_growth"]
@@ -116,23 +132,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def report(args) -> str:
     rows = time_steps(args)
-    lines = [f"### Sleep cost, tiny model, batch {args.batch}, T={args.seq}, L={args.window} (fwd+bwd, checkpointing on)",
+    lines = [f"### Sleep cost, tiny model, batch {args.batch}, T={args.seq}, L={args.window} "
+             "(fwd+bwd, SleepConfig's default checkpointing)",
              "", "| N | step (s) | (window, pass) forwards | time / time(N=1) | forwards / forwards(N=1) "
              "| overhead (goal <= 1.05) |", "| --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         lines.append(f"| {r['N']} | {r['step_s']:.3f} | {r['forwards']} | {r['time_ratio']:.2f} "
                      f"| {r['forward_ratio']:.2f} | {r['overhead']:.3f} |")
     n_hi = args.passes[-1]
-    saved = {(n, c): saved_bytes(args, n, c) for n in (1, n_hi) for c in (True, False)}
-    rss = {n: peak_rss(args, n) for n in (1, n_hi)}
-    lines += ["", f"| memory of one training step | N=1 | N={n_hi} | ratio (goal <= 1.5 with checkpointing) |",
-              "| --- | --- | --- | --- |"]
-    for ckpt in (True, False):
-        a, b = saved[(1, ckpt)], saved[(n_hi, ckpt)]
-        lines.append(f"| activations saved for backward, checkpointing {'on' if ckpt else 'off'} "
-                     f"| {a / 2**20:.1f} MiB | {b / 2**20:.1f} MiB | {b / a:.2f} |")
-    lines.append(f"| peak RSS growth during the step (fresh process, checkpointing on) "
-                 f"| {rss[1] / 2**20:.1f} MiB | {rss[n_hi] / 2**20:.1f} MiB | {rss[n_hi] / max(rss[1], 1):.2f} |")
+    lines += ["", f"| checkpointing policy | step time N={n_hi} / policy 'pass' | activations saved, N=1 "
+              f"| N={n_hi} | peak step memory N=1 (peak reset) | N={n_hi} | peak ratio N={n_hi}/N=1 "
+              "(goal <= 1.5) |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    times = time_policies(args, n_hi)
+    for policy in POLICIES:
+        saved = [saved_bytes(args, n, policy) for n in (1, n_hi)]
+        peak = [peak_step(args, n, policy) for n in (1, n_hi)]
+        lines.append(f"| {policy} | {times[policy] / times['pass']:.2f} | {saved[0] / 2**20:.1f} MiB "
+                     f"| {saved[1] / 2**20:.1f} MiB | {peak[0] / 2**20:.1f} MiB | {peak[1] / 2**20:.1f} MiB "
+                     f"| {peak[1] / max(peak[0], 1):.2f} |")
     return "\n".join(lines)
 
 
@@ -140,10 +157,11 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_arguments(p)
     p.add_argument("--child-peak", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--policy", default="pass", choices=list(POLICIES), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     if args.child_peak is not None:
-        _child_peak(args, args.child_peak)
+        _child_peak(args, args.child_peak, args.policy)
         return 0
     print(report(args))
     return 0

@@ -43,7 +43,6 @@ import gc
 import json
 import os
 import platform
-import resource
 import shutil
 import statistics
 import subprocess
@@ -54,6 +53,8 @@ from datetime import date
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peak_memory import malloc_trim, reset_peak, rss_now, rss_peak, vm_hwm  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -87,53 +88,6 @@ def per_model(spec: str, model: str) -> int:
         return int(spec)
     table = dict(kv.split("=") for kv in spec.split(","))
     return int(table.get(model, table.get("default", 16)))
-
-
-def rss_now() -> int:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss
-    except ImportError:  # Linux fallback
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_peak() -> int:
-    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return r if sys.platform == "darwin" else r * 1024
-
-
-def vm_hwm() -> int | None:
-    """Peak RSS since the last reset_peak() (Linux VmHWM), else None."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def malloc_trim() -> bool:
-    """Give memory that glibc's malloc holds free back to the OS, so RSS counts live memory."""
-    try:
-        import ctypes
-
-        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
-    except (OSError, AttributeError):
-        return False
-
-
-def reset_peak() -> bool:
-    """Reset the kernel's peak-RSS mark to the current RSS (Linux >= 4.0: clear_refs 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def child(args) -> None:

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("megasleep.eval.export_cli", "DeepSpeed checkpoint -> HF-style directory"),
     "study": ("megasleep.study.cli", "train one experiment at several N and seeds, tables with intervals"),
     "data": ("megasleep.data.cli", "a folder of text -> tokenizer + shards + experiment config; verify datasets"),
+    "plan": ("megasleep.plan", "per-GPU memory, batch/world checks and FLOPs of a config on K nodes x G GPUs"),
 }
 
 

@@ -43,5 +43,11 @@ def test_cpu_smoke_run_prints_training_rows():
     assert len(rows) == 2 and all(float(row.split("|")[4].replace(",", "")) > 0 for row in rows)
 
 
+def test_report_names_the_commit():
+    commit = gpu_check.git_commit()
+    head = commit.split()[0]
+    assert len(head) == 40 and int(head, 16) >= 0 or commit.startswith("unknown")
+
+
 def test_shell_script_is_valid_bash():
     subprocess.run(["bash", "-n", str(ROOT / "benchmarks/gpu_check.sh")], check=True)

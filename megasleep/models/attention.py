@@ -8,22 +8,14 @@ and gives the right distances across the window boundary for sliding eviction (S
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megasleep.models.attn_kernels import attend
 from megasleep.models.cache import LayerCache, MixContext
 from megasleep.models.config import ModelConfig
+from megasleep.models.rope import RopeCache, rope
 
-
-def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """x [B, H, T, Dh] rotated by ``positions`` [T] (half-split convention, as in Llama / FLA)."""
-    half = x.shape[-1] // 2
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    inv_freq = 1.0 / (theta ** (torch.arange(0, half, device=x.device, dtype=dtype) / half))
-    ang = positions.to(dtype)[:, None] * inv_freq[None, :]
-    cos, sin = ang.cos(), ang.sin()
-    x1, x2 = x[..., :half].to(dtype), x[..., half:].to(dtype)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+__all__ = ["Attention", "rope"]
 
 
 class Attention(nn.Module):
@@ -37,6 +29,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.rope = RopeCache(self.head_dim, self.theta)
 
     def init_cache(self, batch: int, device=None, dtype=None) -> LayerCache:
         return LayerCache()
@@ -46,7 +39,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rope(q, ctx.positions, self.theta), rope(k, ctx.positions, self.theta)
+        q, k = self.rope(q, ctx.positions, ctx.span), self.rope(k, ctx.positions, ctx.span)
         doc = ctx.doc_ids
         if cache.k is not None:
             k_all, v_all = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
@@ -60,15 +53,12 @@ class Attention(nn.Module):
                 doc_all = None
         else:
             k_all, v_all, pos_all, doc_all = k, v, ctx.positions, doc
-        # a query sees keys at most L-1 positions back, never ahead, and only in its own document
-        dist = ctx.positions[:, None] - pos_all[None, :]
-        mask = (dist >= 0) & (dist < ctx.window)
-        mask = mask[None, None]
-        if doc_all is not None:
-            mask = mask & (doc_now if cache.k is not None else doc)[:, None, :, None].eq(
-                doc_all[:, None, None, :])
-        o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
-                                           enable_gqa=self.n_heads != self.n_kv_heads)
+        # a query sees keys at most L-1 positions back, never ahead, and only in its own document;
+        # with nothing cached and no documents inside one window that is exactly the causal mask
+        plain_causal = cache.k is None and doc_all is None and ctx.span is not None and T <= ctx.window
+        q_doc = None if doc_all is None else (doc_now if cache.k is not None else doc)
+        o = attend(q, k_all, v_all, ctx.positions, pos_all, ctx.window, q_doc,
+                   doc_all, plain_causal)
         o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         keep = max(ctx.window - 1, 0)
         new = LayerCache(k=k_all[:, :, -keep:] if keep else k_all[:, :, :0],

@@ -53,12 +53,14 @@ class MixContext:
     doc_ids: Tensor | None = None     # [B, T] document id per token (attention mask)
     reset: Tensor | None = None       # [B, T] bool: SSM/conv state cleared before this token
     backend: str = "auto"             # kernel backend: auto | torch | cuda
+    span: tuple[int, int] | None = None  # (start, end) when positions == arange(start, end): host-side
+                                         # facts (RoPE table slice, plain-causal test) without a sync
 
     @staticmethod
     def for_span(start: int, end: int, window: int, eviction: str = "hard", doc_ids: Tensor | None = None,
                  reset: Tensor | None = None, backend: str = "auto", device=None) -> MixContext:
         return MixContext(torch.arange(start, end, device=device), window, eviction,
-                          doc_ids, reset, backend)
+                          doc_ids, reset, backend, (start, end))
 
 
 def doc_resets(doc_ids: Tensor | None) -> Tensor | None:

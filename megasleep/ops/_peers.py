@@ -98,6 +98,17 @@ def fla_naive_chunk_gated_delta_rule() -> Result:
 
 
 @cache
+def hf_torch_chunk_gated_delta_rule() -> Result:
+    """transformers' Qwen3-Next chunked GDN in pure torch: ``(query, key, value, g, beta, chunk_size,
+    initial_state, output_final_state)``, q/k/v ``[B, T, H, D]``. transformers wraps it so that it
+    dispatches to FLA's Triton kernel when fla is installed; the pure-torch original is unwrapped."""
+    import inspect
+
+    fn, why = _try("transformers.models.qwen3_next.modeling_qwen3_next", "torch_chunk_gated_delta_rule")
+    return (inspect.unwrap(fn), None) if fn is not None else (None, why)
+
+
+@cache
 def causal_conv1d_ref() -> Result:
     """``causal_conv1d.causal_conv1d_interface.causal_conv1d_ref`` (pure PyTorch)."""
     return _try("causal_conv1d.causal_conv1d_interface", "causal_conv1d_ref", _prepare_mamba)

@@ -36,6 +36,10 @@ class SleepConfig(StrictModel):
     adaptive_tol: float | None = Field(
         None, gt=0, description="inference: stop sleeping once every state's relative change < tol")
     checkpoint: bool = Field(True, description="activation checkpointing per (window, pass) when training")
+    checkpoint_blocks: int | None = Field(
+        None, ge=1, description="with checkpoint: recompute every k-th core block on its own instead of "
+        "whole (window, pass)es (1 = every block: a third of the activation memory for the 350m-7b "
+        "configs); None = per (window, pass), the default; docs/performance.md")
 
     @model_validator(mode="after")
     def _check(self) -> SleepConfig:

@@ -70,6 +70,7 @@ class SleepRunner:
     def __init__(self, model: HybridLM, cfg: SleepConfig, backend: str | None = None):
         self.model, self.cfg = model, cfg
         self.backend = backend or model.config.kernels
+        self.window_targets: int | None = None  # target count of the current window, known on the host
 
     # -- the pieces, each small ---------------------------------------------------------------------
     def context(self, s: int, e: int, doc_ids, reset, device) -> MixContext:
@@ -84,16 +85,31 @@ class SleepRunner:
         return fn(*args)
 
     def core_pass(self, h: Tensor, caches: Caches, ctx: MixContext) -> tuple[Tensor, Caches]:
-        idx = self.model.core_idx
-        return self._maybe_checkpoint(lambda x: self.model.run_blocks(idx, x, caches, ctx), h)
+        """One pass of the core. Activation checkpointing (training only): the whole (window, pass)
+        by default; with ``checkpoint_blocks = k`` every k-th block alone (the others keep their
+        activations: less recompute, more memory; docs/performance.md has the measurements)."""
+        idx, k = self.model.core_idx, self.cfg.checkpoint_blocks
+        if k is None or not (self.cfg.checkpoint and torch.is_grad_enabled()):
+            return self._maybe_checkpoint(lambda x: self.model.run_blocks(idx, x, caches, ctx), h)
+        caches = list(caches)
+        for n, i in enumerate(idx):
+            if n % k == 0:
+                h, caches[i] = checkpoint(lambda x, i=i, c=caches[i]: self.model.layers[i](x, c, ctx), h,
+                                          use_reentrant=False)
+            else:
+                h, caches[i] = self.model.layers[i](h, caches[i], ctx)
+        return h, caches
 
     def wake_head_loss(self, h, caches, ctx, targets, target_mask, need_logits):
         """coda + head + masked CE of one window (checkpointed: the [B, L, V] logits are the big part)."""
         model = self.model
 
+        # decided now, on the host, so that the recomputation in backward takes the same branch without a sync
+        has_targets = self.window_targets > 0 if self.window_targets is not None else bool(target_mask.any())
+
         def fn(x):
             x, new = model.run_blocks(model.coda_idx, x, caches, ctx)
-            if not need_logits and not bool(target_mask.any()):
+            if not need_logits and not has_targets:
                 return None, new, x.new_zeros(())
             logits = model.head(x)
             ce = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), reduction="none")
@@ -196,10 +212,26 @@ class SleepRunner:
         tmask = torch.zeros_like(loss_mask, dtype=torch.bool)
         tmask[:, :-1] = loss_mask[:, 1:].bool()
 
+        # the host syncs of a call sit outside the window and pass loops: target counts before them,
+        # the per-window loss sums stay on the device (SleepOutput.window_loss reads them when asked)
+        counts = window_target_counts(tmask, L)
+        loss_sum, wsums, passes_used, logits_out, caches, forwards = self.run_windows(
+            input_ids, targets, tmask, counts, doc_ids, reset, caches, passes, return_logits)
+        n_tok = sum(counts)
+        loss = loss_sum / max(n_tok, 1)
+        return SleepOutput(loss=loss, loss_sum=loss_sum, n_tokens=n_tok, window_loss_sum=torch.stack(wsums),
+                           window_tokens=counts, passes=passes, passes_used=passes_used,
+                           caches=caches, logits=torch.cat(logits_out, 1) if return_logits else None,
+                           forwards=forwards)
+
+    def run_windows(self, input_ids, targets, tmask, counts, doc_ids, reset, caches, passes, return_logits):
+        """The window and pass loops. No tensor becomes a Python number in here (no host sync), except
+        adaptive sleep's stopping test (``adaptive_tol``, inference only)."""
+        model, L, T, device = self.model, self.cfg.window, input_ids.shape[1], input_ids.device
         loss_sum = torch.zeros((), device=device)
-        window_sums, window_tokens, passes_used, logits_out = [], [], [], []
+        wsums, passes_used, logits_out = [], [], []
         forwards = 0
-        for s in range(0, T, L):
+        for w, s in enumerate(range(0, T, L)):
             e = min(s + L, T)
             ctx = self.context(s, e, doc_ids, reset, device)
             h = model.embed(input_ids[:, s:e])
@@ -208,12 +240,14 @@ class SleepRunner:
             core_input = h
             h, caches = self.core_pass(h, caches, ctx)
             forwards += 1
-            wmask = tmask[:, s:e]
-            logits, caches, wsum = self.wake_head_loss(h, caches, ctx, targets[:, s:e], wmask, return_logits)
-            n = int(wmask.sum())
+            self.window_targets = counts[w]
+            try:
+                logits, caches, wsum = self.wake_head_loss(h, caches, ctx, targets[:, s:e], tmask[:, s:e],
+                                                           return_logits)
+            finally:
+                self.window_targets = None
             loss_sum = loss_sum + wsum
-            window_sums.append(wsum.detach())
-            window_tokens.append(n)
+            wsums.append(wsum.detach())
             if logits is not None:
                 logits_out.append(logits)
             used = 1
@@ -223,12 +257,15 @@ class SleepRunner:
             passes_used.append(used)
             if e < T:
                 caches = self.evict(caches)
-        n_tok = int(tmask.sum())
-        loss = loss_sum / max(n_tok, 1)
-        return SleepOutput(loss=loss, loss_sum=loss_sum, n_tokens=n_tok, window_loss_sum=torch.stack(window_sums),
-                           window_tokens=window_tokens, passes=passes, passes_used=passes_used,
-                           caches=caches, logits=torch.cat(logits_out, 1) if return_logits else None,
-                           forwards=forwards)
+        return loss_sum, wsums, passes_used, logits_out, caches, forwards
+
+
+def window_target_counts(tmask: Tensor, window: int) -> list[int]:
+    """Number of target tokens in each window of ``tmask`` [B, T] (one host sync for all windows)."""
+    B, T = tmask.shape
+    pad = -T % window
+    padded = F.pad(tmask.to(torch.int64), (0, pad))
+    return padded.view(B, -1, window).sum((0, 2)).tolist()
 
 
 def sleep_forward(model: HybridLM, input_ids: Tensor, cfg: SleepConfig, loss_mask: Tensor | None = None,

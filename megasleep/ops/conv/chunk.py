@@ -4,12 +4,14 @@
 T long), computed as W shifted multiply-adds (W is small). With ``reset``, tap ``j`` of token
 ``t`` reads input position ``pos = t - (W-1) + j`` (negative = initial state) and is kept only if
 ``pos >= start_t``, the index of the last reset at or before ``t`` (``-(W-1)`` if none): taps
-reaching before the document start read zeros, exactly like the token loop.
+reaching before the document start read zeros, exactly like the token loop. Without resets the
+sum is one depthwise ``F.conv1d`` over ``xs``.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .._common import check_reset, compute_dtype
 from .naive import _act, _check
@@ -50,15 +52,18 @@ def causal_conv1d_chunk(x, weight, bias=None, initial_state=None, reset=None, ac
     xf, wf = x.to(cd), weight.to(cd)
     init = x.new_zeros(b, d, w - 1, dtype=cd) if initial_state is None else initial_state.to(cd)
     xs = torch.cat([init, xf], dim=-1)  # [b,d,W-1+T]
-    if reset is not None:
-        start = _doc_start(reset, w)  # [b,t]
-        tpos = torch.arange(t, device=x.device)
+    if reset is None:
+        # without resets this is exactly a depthwise F.conv1d over the state-prefixed input: one
+        # fused kernel (forward and backward) instead of W shifted multiply-adds
+        out = F.conv1d(xs, wf[:, None, :], bias.to(cd) if bias is not None else None, groups=d)
+        final = conv_final_state(x, initial_state, None, w, dtype=cd) if t > 0 else init
+        return _act(out, activation).to(x.dtype), final
+    start = _doc_start(reset, w)  # [b,t]
+    tpos = torch.arange(t, device=x.device)
     out = None
     for j in range(w):
-        tap = xs[..., j : j + t] * wf[:, j, None]
-        if reset is not None:
-            keep = (tpos - (w - 1) + j)[None, :] >= start  # [b,t]
-            tap = tap * keep[:, None, :].to(cd)
+        keep = (tpos - (w - 1) + j)[None, :] >= start  # [b,t]
+        tap = xs[..., j : j + t] * wf[:, j, None] * keep[:, None, :].to(cd)
         out = tap if out is None else out + tap
     if bias is not None:
         out = out + bias.to(cd)[:, None]

@@ -1,0 +1,57 @@
+"""Selective activation checkpointing: none / every k-th core block / per (window, pass) give the
+same loss and gradients, and store less the more they recompute."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import megasleep.sleep.loop as loop
+from megasleep.plan import _saved_bytes
+from megasleep.sleep import SleepConfig, sleep_forward
+from tests.conftest import tiny_model
+
+POLICIES = {"none": dict(checkpoint=False), "pass": dict(checkpoint=True, checkpoint_blocks=None),
+            "blocks:1": dict(checkpoint=True, checkpoint_blocks=1),
+            "blocks:2": dict(checkpoint=True, checkpoint_blocks=2)}
+
+
+def step(policy, dtype=torch.float64):
+    model = tiny_model("GAMAGM", n_prelude=1, n_coda=1, dtype=dtype)
+    ids = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(3))
+    box = {}
+    saved = _saved_bytes(lambda: box.setdefault("out", sleep_forward(
+        model, ids, SleepConfig(window=8, passes=2, **POLICIES[policy]))))
+    out = box["out"]
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    return out.loss.detach(), grads, saved
+
+
+def test_policies_agree_and_trade_memory():
+    ref_loss, ref_grads, _ = step("none")
+    saved = {}
+    for policy in POLICIES:
+        loss, grads, saved[policy] = step(policy)
+        torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+        assert grads.keys() == ref_grads.keys()
+        for n in grads:
+            torch.testing.assert_close(grads[n], ref_grads[n], rtol=1e-10, atol=1e-12, msg=f"{policy}: {n}")
+    # tensors kept for backward outside checkpointed regions (checkpoint keeps only region inputs)
+    assert saved["none"] > saved["blocks:2"] > saved["blocks:1"] > saved["pass"]
+
+
+@pytest.mark.parametrize("k, expected", [(1, 4), (2, 2), (3, 2), (None, 1)])
+def test_every_kth_block_is_checkpointed(monkeypatch, k, expected):
+    calls = []
+    real = loop.checkpoint
+    monkeypatch.setattr(loop, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    model = tiny_model("GAMAGM", n_prelude=1, n_coda=1)  # 4 core blocks
+    ids = torch.randint(0, 61, (2, 8))
+    sleep_forward(model, ids, SleepConfig(window=8, checkpoint_blocks=k))  # one window, one pass
+    assert len(calls) == expected + 1  # + coda and head, always recomputed when checkpointing
+
+
+def test_checkpoint_blocks_validated():
+    with pytest.raises(ValueError, match="checkpoint_blocks"):
+        SleepConfig(window=8, checkpoint_blocks=0)
