@@ -89,10 +89,11 @@ def _parse_params(items: list[str]) -> dict:
 def run(args) -> Path:
     import torch
 
+    from megasleep.checkpoint.load import checkpoint_info, load_pretrained
+    from megasleep.checkpoint.released import tokenizer_path
     from megasleep.eval import data as D
     from megasleep.eval.harness import EvalSettings, evaluate
     from megasleep.eval.report import write_results
-    from megasleep.models.pretrained import checkpoint_info, load_pretrained, tokenizer_path
 
     if not args.checkpoint:
         raise ValueError("--checkpoint is required (an exported model directory)")

@@ -37,9 +37,10 @@ class MegasleepLM(TemplateLM):
                  dtype: str = "float32", device: str | None = None, batch_size: int | str | None = 1,
                  max_batch_size: int | None = None, max_gen_toks: int = 256, add_bos_token: bool = True, **kwargs):
         super().__init__()
+        from megasleep.checkpoint.load import load_pretrained
+        from megasleep.checkpoint.released import tokenizer_path
         from megasleep.data.tokenizer import load_tokenizer
         from megasleep.eval.harness import CollectingRunner
-        from megasleep.models.pretrained import load_pretrained, tokenizer_path
         from megasleep.sleep.config import SleepConfig
 
         if kwargs:

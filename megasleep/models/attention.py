@@ -33,10 +33,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads = a.n_heads, a.n_kv_heads or a.n_heads
         self.head_dim, self.theta = cfg.attn_head_dim, a.rope_theta
         d = cfg.d_model
-        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=False)
+        self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=a.qkv_bias)
+        self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=a.qkv_bias)
+        self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=a.qkv_bias)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=a.out_bias)
 
     def init_cache(self, batch: int, device=None, dtype=None) -> LayerCache:
         return LayerCache()

@@ -17,6 +17,8 @@ class AttnConfig(StrictModel):
     n_kv_heads: int | None = Field(None, ge=1, description="grouped-query heads; None = n_heads")
     head_dim: int | None = Field(None, ge=1, description="None = d_model // n_heads")
     rope_theta: float = Field(10000.0, gt=0)
+    qkv_bias: bool = Field(False, description="biases on q/k/v projections (Qwen2, mamba_ssm MHA)")
+    out_bias: bool = Field(False, description="bias on the output projection")
 
 
 class Mamba2Config(StrictModel):

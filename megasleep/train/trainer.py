@@ -341,7 +341,7 @@ class Trainer:
 
     def _init_from(self, model: nn.Module, path: str) -> None:
         """Load an exported directory's weights (shapes must match; missing tensors are reported)."""
-        from megasleep.models.pretrained import load_weights
+        from megasleep.checkpoint.weights import load_weights
 
         state = load_weights(resolve_path(path))
         own = dict(model.named_parameters())
@@ -710,7 +710,7 @@ class Trainer:
         return res
 
     def export(self) -> Path | None:
-        from megasleep.train.export import consolidated_from_zero, export_state_dict
+        from megasleep.checkpoint.deepspeed import consolidated_from_zero, export_state_dict
 
         out = self.run_dir / "export"
         if self.zero_stage == 3:

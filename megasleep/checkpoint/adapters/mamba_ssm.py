@@ -1,4 +1,4 @@
-"""Import ``mamba_ssm`` ``MambaLMHeadModel`` checkpoints (Mamba-2 and Mamba-2 + attention hybrids).
+"""Adapter for ``mamba_ssm`` ``MambaLMHeadModel`` checkpoints (Mamba-2 and Mamba-2 + attention hybrids).
 
 Reads the directory ``MambaLMHeadModel.save_pretrained`` writes (``config.json`` = ``MambaConfig``
 fields, ``pytorch_model.bin`` = its state dict; a ``model.safetensors`` works too) without importing
@@ -56,6 +56,9 @@ from typing import Any
 
 import torch
 
+from megasleep.checkpoint.adapters.base import Adapter
+from megasleep.checkpoint.errors import UnsupportedModelError
+from megasleep.checkpoint.weights import CONFIG_NAME, load_weights, read_json
 from megasleep.models.config import ModelConfig
 
 MAMBA_CONFIG_KEYS = {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
@@ -81,7 +84,7 @@ ATTN_KEYS = {"num_heads", "num_heads_kv", "head_dim", "mlp_dim", "qkv_proj_bias"
              "device", "dtype"}
 
 
-class MambaImportError(ValueError):
+class MambaImportError(UnsupportedModelError):
     """A mamba_ssm checkpoint uses a setting megasleep cannot represent faithfully (named in the message)."""
 
 
@@ -272,40 +275,39 @@ def _layer_sort_key(name: str):
 
 def read_mamba_ssm_dir(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config dict, state dict) of a MambaLMHeadModel.save_pretrained directory (weights-only loading)."""
-    from megasleep.models.pretrained import _read_json, load_weights
-
     p = Path(path)
-    raw = _read_json(p / "config.json")
+    raw = read_json(p / CONFIG_NAME)
     state = load_weights(p)
     return raw, state
 
 
 def convert(path: str | os.PathLike, **overrides) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
     """Read and convert a mamba_ssm directory: (ModelConfig, HybridLM state dict, report)."""
-    p = Path(path)
-    raw, state = read_mamba_ssm_dir(p)
-    cfg, facts = convert_config(raw, state, str(p / "config.json"), overrides)
-    new, used = convert_state_dict(cfg, state, raw, str(p))
-    report = {"source_tensors": len(state), "mapped": {k: used[k] for k in sorted(used, key=_layer_sort_key)},
-              **facts}
-    return cfg, new, report
+    raw, state = read_mamba_ssm_dir(path)
+    return MambaSSMAdapter().convert(raw, state, str(Path(path)), overrides)
 
 
-def load_mamba_ssm(path: str | os.PathLike, device=None, dtype=None, **overrides):
-    """HybridLM holding a mamba_ssm MambaLMHeadModel checkpoint (see the module docstring)."""
-    from megasleep.models.pretrained import build_from_state_dict, parse_dtype
-
-    p = Path(path)
-    cfg, state, report = convert(p, **overrides)
-    if dtype == "auto":
-        stored = {v.dtype for v in state.values() if v.is_floating_point()}
-        dtype = next(iter(stored)) if len(stored) == 1 else torch.float32
-    model = build_from_state_dict(cfg, state, device=device, dtype=parse_dtype(dtype) or torch.float32,
-                                  where=str(p))
-    model.pretrained_meta = {"path": str(p.resolve()), "format": "mamba_ssm", "import": report, "tokenizer": None,
-                             "sleep": None}
-    return model
+def is_mamba_ssm_config(raw: dict) -> bool:
+    return "n_layer" in raw and "d_model" in raw and ("ssm_cfg" in raw or "attn_layer_idx" in raw) \
+        and "model_type" not in raw
 
 
-__all__ = ["MambaImportError", "convert", "convert_config", "convert_state_dict", "load_mamba_ssm",
+class MambaSSMAdapter(Adapter):
+    """``MambaLMHeadModel.save_pretrained`` directories (config.json without a model_type)."""
+
+    name = "mamba_ssm"
+    model_types = ("mamba_ssm",)
+
+    @classmethod
+    def matches(cls, raw: dict) -> bool:
+        return is_mamba_ssm_config(raw)
+
+    def convert(self, raw, state, where, overrides):
+        cfg, facts = convert_config(raw, state, f"{where}/{CONFIG_NAME}", overrides)
+        new, used = convert_state_dict(cfg, state, raw, where)
+        return cfg, new, {"source_tensors": len(state),
+                          "mapped": {k: used[k] for k in sorted(used, key=_layer_sort_key)}, **facts}
+
+
+__all__ = ["MambaImportError", "MambaSSMAdapter", "convert", "convert_config", "convert_state_dict",
            "read_mamba_ssm_dir"]

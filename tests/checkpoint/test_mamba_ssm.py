@@ -10,8 +10,8 @@ import math
 import pytest
 import torch
 
-from megasleep.eval.mamba_import import MambaImportError, convert, convert_config
-from megasleep.models.pretrained import load_pretrained
+from megasleep.checkpoint.adapters.mamba_ssm import MambaImportError, convert, convert_config
+from megasleep.checkpoint.load import load_pretrained
 
 
 @pytest.fixture(scope="module")
