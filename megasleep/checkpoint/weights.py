@@ -166,6 +166,10 @@ def save_weights(tensors: dict[str, torch.Tensor], directory: Path, max_shard_si
     (huggingface_hub's writer: the layout transformers and ``load_weights`` read back)."""
     from huggingface_hub import save_torch_state_dict
 
+    # a view into a larger buffer (e.g. DeepSpeed's flat fp32 partitions) is copied out so that only its
+    # own elements are written
+    tensors = {k: v if v.untyped_storage().nbytes() == v.numel() * v.element_size() else v.clone()
+               for k, v in tensors.items()}
     save_torch_state_dict(tensors, directory, max_shard_size=max_shard_size,
                           metadata={"format": "pt", "producer": "megasleep"})
 

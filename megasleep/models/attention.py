@@ -15,8 +15,13 @@ from megasleep.models.cache import LayerCache, MixContext
 from megasleep.models.config import ModelConfig
 
 
-def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
-    """x [B, H, T, Dh] rotated by ``positions`` [T] (half-split convention, as in Llama / FLA)."""
+def rope(x: Tensor, positions: Tensor, theta: float, rotary_dim: int | None = None) -> Tensor:
+    """x [B, H, T, Dh] rotated by ``positions`` [T] (half-split convention, as in Llama / FLA); with
+    ``rotary_dim`` only the first rotary_dim dims rotate (partial rotary; 0 = no positions)."""
+    if rotary_dim is not None and rotary_dim < x.shape[-1]:
+        if rotary_dim == 0:
+            return x
+        return torch.cat([rope(x[..., :rotary_dim], positions, theta), x[..., rotary_dim:]], dim=-1)
     half = x.shape[-1] // 2
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     inv_freq = 1.0 / (theta ** (torch.arange(0, half, device=x.device, dtype=dtype) / half))
@@ -31,7 +36,8 @@ class Attention(nn.Module):
         super().__init__()
         a = cfg.attn
         self.n_heads, self.n_kv_heads = a.n_heads, a.n_kv_heads or a.n_heads
-        self.head_dim, self.theta = cfg.attn_head_dim, a.rope_theta
+        self.head_dim, self.theta, self.rotary_dim = cfg.attn_head_dim, a.rope_theta, a.rotary_dim
+        self.scale = a.softmax_scale
         d = cfg.d_model
         self.q_proj = nn.Linear(d, self.n_heads * self.head_dim, bias=a.qkv_bias)
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=a.qkv_bias)
@@ -46,7 +52,8 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = rope(q, ctx.positions, self.theta), rope(k, ctx.positions, self.theta)
+        q = rope(q, ctx.positions, self.theta, self.rotary_dim)
+        k = rope(k, ctx.positions, self.theta, self.rotary_dim)
         doc = ctx.doc_ids
         if cache.k is not None:
             k_all, v_all = torch.cat([cache.k, k], 2), torch.cat([cache.v, v], 2)
@@ -67,7 +74,7 @@ class Attention(nn.Module):
         if doc_all is not None:
             mask = mask & (doc_now if cache.k is not None else doc)[:, None, :, None].eq(
                 doc_all[:, None, None, :])
-        o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask,
+        o = F.scaled_dot_product_attention(q, k_all, v_all, attn_mask=mask, scale=self.scale,
                                            enable_gqa=self.n_heads != self.n_kv_heads)
         o = o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)
         keep = max(ctx.window - 1, 0)

@@ -19,6 +19,9 @@ class AttnConfig(StrictModel):
     rope_theta: float = Field(10000.0, gt=0)
     qkv_bias: bool = Field(False, description="biases on q/k/v projections (Qwen2, mamba_ssm MHA)")
     out_bias: bool = Field(False, description="bias on the output projection")
+    softmax_scale: float | None = Field(None, gt=0, description="None = head_dim**-0.5")
+    rotary_dim: int | None = Field(None, ge=0, description="RoPE on the first rotary_dim dims of each head "
+                                                           "(partial rotary); None = whole head, 0 = no positions")
 
 
 class Mamba2Config(StrictModel):
@@ -34,6 +37,7 @@ class Mamba2Config(StrictModel):
     dt_max: float = Field(0.1, gt=0)
     dt_init_floor: float = Field(1e-4, gt=0)
     chunk_size: int = Field(64, ge=1)
+    norm_eps: float = Field(1e-5, gt=0, description="eps of the gated RMSNorm before out_proj")
 
 
 class GDNConfig(StrictModel):
@@ -88,6 +92,9 @@ class ModelConfig(StrictModel):
                 raise ValueError(f"attn.n_kv_heads={a.n_kv_heads} does not divide attn.n_heads={a.n_heads}")
             if self.attn_head_dim % 2:
                 raise ValueError(f"attn head_dim={self.attn_head_dim} must be even for RoPE")
+            rd = a.rotary_dim
+            if rd is not None and (rd % 2 or rd > self.attn_head_dim):
+                raise ValueError(f"attn.rotary_dim={rd} must be even and <= head_dim={self.attn_head_dim}")
         if "M" in self.pattern:
             m = self.mamba2
             d_inner = m.expand * self.d_model

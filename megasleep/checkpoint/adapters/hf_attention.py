@@ -35,16 +35,17 @@ def _rope_theta(raw: dict, where: str) -> float:
     kind = rope.get("rope_type", rope.get("type", "default"))
     if kind != "default":
         refuse(where, f"rope_parameters.rope_type={kind!r} (megasleep's RoPE has no scaling)")
-    if float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0))) != 1.0:
-        refuse(where, "partial_rotary_factor != 1 (megasleep rotates the whole head for this family)")
     return float(rope.get("rope_theta", raw.get("rope_theta", 10000.0)))
 
 
 def attention_settings(raw: dict, where: str) -> dict[str, Any]:
     """AttnConfig fields of a transformers decoder config (shared by the hybrid families)."""
     d, nh = int(raw["hidden_size"]), int(raw["num_attention_heads"])
-    return {"n_heads": nh, "n_kv_heads": int(raw.get("num_key_value_heads") or nh),
-            "head_dim": int(raw.get("head_dim") or d // nh), "rope_theta": _rope_theta(raw, where)}
+    hd = int(raw.get("head_dim") or raw.get("attention_head_dim") or d // nh)
+    rope = raw.get("rope_parameters") or {}
+    factor = float(rope.get("partial_rotary_factor", raw.get("partial_rotary_factor", 1.0)))
+    return {"n_heads": nh, "n_kv_heads": int(raw.get("num_key_value_heads") or nh), "head_dim": hd,
+            "rope_theta": _rope_theta(raw, where), "rotary_dim": None if factor == 1.0 else int(hd * factor)}
 
 
 class HFAttentionAdapter(Adapter):

@@ -6,11 +6,12 @@ import difflib
 
 from megasleep.checkpoint.adapters.base import Adapter
 from megasleep.checkpoint.adapters.hf_attention import HFAttentionAdapter
+from megasleep.checkpoint.adapters.hf_hybrid import HFHybridAdapter
 from megasleep.checkpoint.adapters.hf_mamba2 import HFMamba2Adapter
 from megasleep.checkpoint.adapters.mamba_ssm import MambaSSMAdapter
 from megasleep.checkpoint.errors import PretrainedError, UnsupportedModelError
 
-ADAPTERS: tuple[type[Adapter], ...] = (MambaSSMAdapter, HFAttentionAdapter, HFMamba2Adapter)
+ADAPTERS: tuple[type[Adapter], ...] = (MambaSSMAdapter, HFAttentionAdapter, HFMamba2Adapter, HFHybridAdapter)
 
 
 def supported_model_types() -> list[str]:
