@@ -53,7 +53,8 @@ class HFAttentionAdapter(Adapter):
     model_types = ("llama", "qwen2")
     can_export = True
 
-    def convert(self, raw, state, where, overrides):
+    def model_config(self, raw: dict, where: str, overrides: dict | None = None) -> ModelConfig:
+        """The ModelConfig of a llama / qwen2 config.json (no tensors needed)."""
         mt = raw["model_type"]
         d, n = int(raw["hidden_size"]), int(raw["num_hidden_layers"])
         if raw.get("hidden_act", "silu") != "silu":
@@ -70,8 +71,12 @@ class HFAttentionAdapter(Adapter):
         data = {"name": f"{mt}-import", "vocab_size": int(raw["vocab_size"]), "d_model": d, "pattern": "A" * n,
                 "attn": attn, "mlp": {"A": hidden / d, "multiple_of": 1},
                 "tie_embeddings": bool(raw.get("tie_word_embeddings", False)),
-                "norm_eps": float(raw.get("rms_norm_eps", 1e-6)), **overrides}
-        cfg = validate(ModelConfig, data, f"{where}/config.json")
+                "norm_eps": float(raw.get("rms_norm_eps", 1e-6)), **(overrides or {})}
+        return validate(ModelConfig, data, f"{where}/config.json")
+
+    def convert(self, raw, state, where, overrides):
+        cfg = self.model_config(raw, where, overrides)
+        n, mt = len(cfg.pattern), raw["model_type"]
         m = TensorMap(state, where)
         m.move("model.embed_tokens.weight", "embed_tokens.weight")
         for i in range(n):
