@@ -107,6 +107,7 @@ def run(args) -> Path:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     info = checkpoint_info(args.checkpoint)
     model = load_pretrained(args.checkpoint, device=device, dtype=args.dtype)
+    print(f"[megasleep eval] {args.checkpoint}: read with the {info['format']} adapter", file=sys.stderr)
     tok_file = Path(args.tokenizer) if args.tokenizer else tokenizer_path(args.checkpoint)
     ck_sleep = info.get("sleep") or {}
     ck_tok_hash = (info.get("tokenizer") or {}).get("hash")
