@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from megasleep.models.cache import LayerCache, MixContext
 from megasleep.models.config import ModelConfig
+from megasleep.models.short_conv import ShortConv
 
 
 def rope(x: Tensor, positions: Tensor, theta: float, rotary_dim: int | None = None) -> Tensor:
@@ -43,15 +44,22 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=a.qkv_bias)
         self.v_proj = nn.Linear(d, self.n_kv_heads * self.head_dim, bias=a.qkv_bias)
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=a.out_bias)
+        qkv_dim = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
+        self.qkv_conv1d = ShortConv(qkv_dim, a.d_conv, bias=True, activation=None) if a.d_conv else None
 
     def init_cache(self, batch: int, device=None, dtype=None) -> LayerCache:
         return LayerCache()
 
     def forward(self, x: Tensor, cache: LayerCache, ctx: MixContext) -> tuple[Tensor, LayerCache]:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        conv = None
+        if self.qkv_conv1d is not None:  # conv history: short-term memory, like the KV cache
+            qkv, conv = self.qkv_conv1d.run(torch.cat([q, k, v], -1), cache.conv[0] if cache.conv else None, ctx)
+            q, k, v = qkv.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
+        q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q = rope(q, ctx.positions, self.theta, self.rotary_dim)
         k = rope(k, ctx.positions, self.theta, self.rotary_dim)
         doc = ctx.doc_ids
@@ -81,5 +89,6 @@ class Attention(nn.Module):
         new = LayerCache(k=k_all[:, :, -keep:] if keep else k_all[:, :, :0],
                          v=v_all[:, :, -keep:] if keep else v_all[:, :, :0],
                          pos=pos_all[-keep:] if keep else pos_all[:0],
-                         doc=None if doc_all is None else (doc_all[:, -keep:] if keep else doc_all[:, :0]))
+                         doc=None if doc_all is None else (doc_all[:, -keep:] if keep else doc_all[:, :0]),
+                         conv=None if conv is None else (conv,))
         return self.o_proj(o), new

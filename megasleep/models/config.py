@@ -20,6 +20,8 @@ class AttnConfig(StrictModel):
     qkv_bias: bool = Field(False, description="biases on q/k/v projections (Qwen2, mamba_ssm MHA)")
     out_bias: bool = Field(False, description="bias on the output projection")
     softmax_scale: float | None = Field(None, gt=0, description="None = head_dim**-0.5")
+    d_conv: int = Field(0, ge=0, description="width of a causal depthwise conv over q/k/v (with bias, no "
+                                             "activation, as mamba_ssm's MHA); 0 = none")
     rotary_dim: int | None = Field(None, ge=0, description="RoPE on the first rotary_dim dims of each head "
                                                            "(partial rotary); None = whole head, 0 = no positions")
 
@@ -92,6 +94,8 @@ class ModelConfig(StrictModel):
                 raise ValueError(f"attn.n_kv_heads={a.n_kv_heads} does not divide attn.n_heads={a.n_heads}")
             if self.attn_head_dim % 2:
                 raise ValueError(f"attn head_dim={self.attn_head_dim} must be even for RoPE")
+            if a.d_conv == 1:
+                raise ValueError("attn.d_conv=1 is not a short conv (use 0 for none or >= 2)")
             rd = a.rotary_dim
             if rd is not None and (rd % 2 or rd > self.attn_head_dim):
                 raise ValueError(f"attn.rotary_dim={rd} must be even and <= head_dim={self.attn_head_dim}")
