@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from megasleep.models.cache import LayerCache, MixContext
 from megasleep.models.config import ModelConfig
-from megasleep.models.short_conv import ShortConv
+from megasleep.models.gdn import ShortConv
 
 
 def rope(x: Tensor, positions: Tensor, theta: float, rotary_dim: int | None = None) -> Tensor:

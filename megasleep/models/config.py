@@ -53,12 +53,14 @@ class GDNConfig(StrictModel):
 
 
 class MLPConfig(StrictModel):
-    """SwiGLU hidden size as a multiple of d_model per block type; 0 means the block has no MLP."""
+    """MLP hidden size as a multiple of d_model per block type; 0 means the block has no MLP."""
 
     A: float = Field(4.0, ge=0)
     M: float = Field(0.0, ge=0)
     G: float = Field(4.0, ge=0)
     multiple_of: int = Field(8, ge=1)
+    activation: Literal["swiglu", "relu2"] = Field("swiglu", description="relu2: non-gated down(relu(up x)^2)")
+    blocks: str | None = Field(None, description='per block "1" (has an MLP) or "0"; None = by letter ratio')
 
 
 class ModelConfig(StrictModel):
@@ -83,6 +85,9 @@ class ModelConfig(StrictModel):
         if not self.pattern or bad:
             raise ValueError(
                 f"pattern {self.pattern!r}: unknown block letter(s) {bad} (use A=attn, M=mamba2, G=gdn)")
+        mb = self.mlp.blocks
+        if mb is not None and (len(mb) != len(self.pattern) or set(mb) - {"0", "1"}):
+            raise ValueError(f"mlp.blocks={mb!r}: one '0' / '1' per block of the {len(self.pattern)}-block pattern")
         if self.n_prelude + self.n_coda >= len(self.pattern):
             raise ValueError(f"n_prelude={self.n_prelude} + n_coda={self.n_coda} leave no core blocks "
                              f"in a {len(self.pattern)}-block pattern")

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import pytest
 import torch
+
+# transformers binds a family's conv / scan functions when its modeling module is imported: to mamba_ssm's
+# and causal_conv1d's when those import. Import them now, at collection, before any test registers
+# megasleep's CPU stand-ins for the CUDA extensions (tests/checkpoint/test_mamba_ssm.py does), so every
+# reference is transformers' own torch path.
+for _family in ("mamba2", "bamba", "granitemoehybrid", "nemotron_h"):
+    try:
+        importlib.import_module(f"transformers.models.{_family}.modeling_{_family}")
+    except ImportError:  # transformers absent or without that family: its tests skip
+        pass
 
 
 def transformers_or_skip():

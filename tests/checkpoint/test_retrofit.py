@@ -13,6 +13,7 @@ from megasleep.cli import main
 from megasleep.config import ConfigError
 from megasleep.sleep import SleepConfig, sleep_forward
 from tests.checkpoint.hf_models import assert_logits_close, build_hf
+from tests.conftest import ROOT
 
 LLAMA = dict(hidden_size=32, intermediate_size=56, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, vocab_size=64)
@@ -76,7 +77,7 @@ def test_sleep_finetuning_starts_from_a_retrofit(tmp_path, llama):
 
 
 def test_shipped_retrofit_model_yaml_is_what_the_command_writes():
-    """configs/models/tinyllama-1.1b-gdn6.yaml (used by the retrofit recipes) equals the config
+    """configs/retrofit/tinyllama-1.1b-gdn6.yaml (used by the retrofit recipes) equals the config
     `megasleep retrofit --insert gdn:after=2,5,9,12,15,19 --loop 7:21` derives from TinyLlama-1.1B's
     config.json (its published values: llama, d=2048, 22 layers, 32/4 heads, SwiGLU 5632, vocab 32000)."""
     from megasleep.checkpoint.adapters.hf_attention import HFAttentionAdapter
@@ -89,9 +90,9 @@ def test_shipped_retrofit_model_yaml_is_what_the_command_writes():
                  "vocab_size": 32000, "tie_word_embeddings": False, "hidden_act": "silu"}
     cfg, _ = retrofit_config(HFAttentionAdapter().model_config(tinyllama, "tinyllama"), "G",
                              [2, 5, 9, 12, 15, 19], "7:21")
-    shipped = load_model_config("configs/models/tinyllama-1.1b-gdn6.yaml")
+    shipped = load_model_config(ROOT / "configs/retrofit/tinyllama-1.1b-gdn6.yaml")
     assert shipped.model_copy(update={"name": cfg.name}) == cfg
     for recipe in ("hard", "sliding"):
-        exp = load_experiment(f"configs/experiments/retrofit-gsm-inf-{recipe}.yaml")
+        exp = load_experiment(ROOT / f"configs/experiments/retrofit-gsm-inf-{recipe}.yaml")
         assert exp.model_cfg == shipped and exp.optim.name == "muon" and exp.optim.muon_lr == 1e-3
         assert (exp.sleep.window, exp.sleep.eviction) == ((2000, "hard") if recipe == "hard" else (512, "sliding"))

@@ -101,11 +101,14 @@ class HFAttentionAdapter(Adapter):
     def export(self, cfg: ModelConfig, state: State, where: str) -> tuple[dict, State]:
         """A megasleep model whose blocks are all attention + SwiGLU -> a LlamaForCausalLM directory's
         config and tensors (Qwen2 when it has q/k/v biases only)."""
-        from megasleep.models.block import mlp_hidden
+        from megasleep.models.mlp import mlp_hidden
 
         a = cfg.attn
-        if set(cfg.pattern) != {"A"} or mlp_hidden(cfg, "A") == 0:
-            refuse(where, f"pattern {cfg.pattern!r}: only attention + MLP blocks export as llama / qwen2")
+        if set(cfg.pattern) != {"A"} or cfg.mlp.activation != "swiglu" or \
+                any(mlp_hidden(cfg, "A", i) == 0 for i in range(len(cfg.pattern))):
+            refuse(where, f"pattern {cfg.pattern!r}: only attention + SwiGLU blocks export as llama / qwen2")
+        if a.d_conv or a.rotary_dim is not None or a.softmax_scale is not None:
+            refuse(where, "attn.d_conv / rotary_dim / softmax_scale have no llama / qwen2 equivalent")
         if a.out_bias and not a.qkv_bias:
             refuse(where, "attn.out_bias without attn.qkv_bias has no llama / qwen2 equivalent")
         qwen = a.qkv_bias and not a.out_bias

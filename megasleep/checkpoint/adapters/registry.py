@@ -9,9 +9,11 @@ from megasleep.checkpoint.adapters.hf_attention import HFAttentionAdapter
 from megasleep.checkpoint.adapters.hf_hybrid import HFHybridAdapter
 from megasleep.checkpoint.adapters.hf_mamba2 import HFMamba2Adapter
 from megasleep.checkpoint.adapters.mamba_ssm import MambaSSMAdapter
+from megasleep.checkpoint.adapters.nemotron_h import NemotronHAdapter
 from megasleep.checkpoint.errors import PretrainedError, UnsupportedModelError
 
-ADAPTERS: tuple[type[Adapter], ...] = (MambaSSMAdapter, HFAttentionAdapter, HFMamba2Adapter, HFHybridAdapter)
+ADAPTERS: tuple[type[Adapter], ...] = (MambaSSMAdapter, HFAttentionAdapter, HFMamba2Adapter, HFHybridAdapter,
+                                       NemotronHAdapter)
 
 
 def supported_model_types() -> list[str]:
