@@ -1,5 +1,5 @@
 """`megasleep export`: a DeepSpeed training checkpoint, or any foreign checkpoint an adapter reads
-(mamba_ssm, transformers' llama / qwen2 / mamba2 ...), -> a megasleep export directory.
+(mamba_ssm, transformers' llama / qwen2 / mamba2 / bamba / granitemoehybrid / nemotron_h), -> a megasleep export directory.
 
     megasleep export RUN_DIR|CHECKPOINTS_DIR|TAG_DIR --out DIR [--tag step_00001000] [--config model.yaml]
                      [--tokenizer tok.model] [--dtype float32|bfloat16]

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from megasleep.checkpoint.adapters.base import Adapter, State, TensorMap, refuse
+from megasleep.checkpoint.adapters.hf_mamba2 import move_mixer
 from megasleep.config import validate
 from megasleep.models.config import ModelConfig
 
@@ -83,10 +84,7 @@ class HFAttentionAdapter(Adapter):
             s, t = f"model.layers.{i}", f"layers.{i}"
             m.move(f"{s}.input_layernorm.weight", f"{t}.norm.weight")
             m.move(f"{s}.post_attention_layernorm.weight", f"{t}.mlp_norm.weight")
-            for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                for kind in ("weight", "bias"):
-                    if m.has(f"{s}.self_attn.{p}.{kind}"):
-                        m.move(f"{s}.self_attn.{p}.{kind}", f"{t}.mixer.{p}.{kind}")
+            move_mixer(m, "A", f"{s}.self_attn", f"{t}.mixer")
             for p in ("gate_proj", "up_proj", "down_proj"):
                 m.move(f"{s}.mlp.{p}.weight", f"{t}.mlp.{p}.weight")
         m.move("model.norm.weight", "norm_f.weight")

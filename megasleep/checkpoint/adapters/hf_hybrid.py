@@ -31,7 +31,7 @@ import torch
 
 from megasleep.checkpoint.adapters.base import Adapter, TensorMap, refuse
 from megasleep.checkpoint.adapters.hf_attention import attention_settings
-from megasleep.checkpoint.adapters.hf_mamba2 import mamba2_settings, move_head, move_mamba2
+from megasleep.checkpoint.adapters.hf_mamba2 import mamba2_settings, move_head, move_mixer
 from megasleep.config import validate
 from megasleep.models.config import ModelConfig
 
@@ -87,11 +87,7 @@ class HFHybridAdapter(Adapter):
             m.move(f"{s}.input_layernorm.weight", f"{t}.norm.weight")
             pre_ff = "pre_ff_layernorm" if mt == "bamba" else "post_attention_layernorm"
             m.move(f"{s}.{pre_ff}.weight", f"{t}.mlp_norm.weight")
-            if letter == "M":
-                move_mamba2(m, f"{s}.mamba", f"{t}.mixer")
-            else:
-                for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                    m.move(f"{s}.self_attn.{p}.weight", f"{t}.mixer.{p}.weight")
+            move_mixer(m, letter, f"{s}.mamba" if letter == "M" else f"{s}.self_attn", f"{t}.mixer")
             if mt == "granitemoehybrid":
                 src = f"{s}.shared_mlp.input_linear.weight"
                 gate, up = torch.chunk(m.take(src), 2, dim=0)  # GraniteMoeHybridMLP: act(gate) * up, gate first

@@ -69,6 +69,17 @@ def move_mamba2(m: TensorMap, src: str, dst: str) -> None:
         m.move(f"{src}.{name}", f"{dst}.{name}")
 
 
+def move_mixer(m: TensorMap, letter: str, src: str, dst: str) -> None:
+    """A Mamba-2 (``M``) or attention mixer at ``src``: q/k/v/o projections, and their biases if stored."""
+    if letter == "M":
+        move_mamba2(m, src, dst)
+        return
+    for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        for kind in ("weight", "bias"):
+            if kind == "weight" or m.has(f"{src}.{p}.{kind}"):
+                m.move(f"{src}.{p}.{kind}", f"{dst}.{p}.{kind}")
+
+
 def move_head(m: TensorMap, cfg: ModelConfig, embed: str, norm_f: str) -> None:
     m.move(embed, "embed_tokens.weight")
     m.move(norm_f, "norm_f.weight")
@@ -100,4 +111,4 @@ class HFMamba2Adapter(Adapter):
                           "residual_in_fp32": bool(raw.get("residual_in_fp32", True))}
 
 
-__all__ = ["HFMamba2Adapter", "mamba2_settings", "move_head", "move_mamba2"]
+__all__ = ["HFMamba2Adapter", "mamba2_settings", "move_head", "move_mamba2", "move_mixer"]

@@ -23,7 +23,7 @@ lm_head.weight                                   lm_head.weight (absent when tie
 from __future__ import annotations
 
 from megasleep.checkpoint.adapters.base import Adapter, TensorMap, refuse
-from megasleep.checkpoint.adapters.hf_mamba2 import mamba2_settings, move_head, move_mamba2
+from megasleep.checkpoint.adapters.hf_mamba2 import mamba2_settings, move_head, move_mixer
 from megasleep.config import validate
 from megasleep.models.config import ModelConfig
 
@@ -81,11 +81,7 @@ class NemotronHAdapter(Adapter):
         for b, (letter, i, j) in enumerate(blocks):
             s, t = f"{root}.layers.{i}", f"layers.{b}"
             m.move(f"{s}.norm.weight", f"{t}.norm.weight")
-            if letter == "M":
-                move_mamba2(m, f"{s}.mixer", f"{t}.mixer")
-            else:
-                for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
-                    m.move(f"{s}.mixer.{p}.weight", f"{t}.mixer.{p}.weight")
+            move_mixer(m, letter, f"{s}.mixer", f"{t}.mixer")
             if j is not None:
                 m.move(f"{root}.layers.{j}.norm.weight", f"{t}.mlp_norm.weight")
                 for p in ("up_proj", "down_proj"):
