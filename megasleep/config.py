@@ -1,10 +1,15 @@
-"""Typed, validated YAML configs with dotted command-line overrides.
+"""Typed, validated YAML configs with dotted command-line overrides: the one config loader.
 
-Every config class derives from :class:`StrictModel` (pydantic, unknown keys forbidden). Loading goes
-through :func:`load_config`, which turns any validation problem into one :class:`ConfigError` whose
-message names the file and the dotted key, e.g.::
+Every config class derives from :class:`StrictModel` (pydantic, unknown keys forbidden). Files are
+read by :func:`read_config_file` (YAML, or JSON for exported ``config.json``), overrides applied by
+:func:`apply_overrides`, and :func:`validate` turns any validation problem into one
+:class:`ConfigError` naming the file and the dotted key, e.g.::
 
     configs/models/tiny.yaml: model.attn.n_heads: 5 heads do not divide d_model=64
+
+:func:`load_config` chains the three for one schema; the model and experiment loaders
+(``megasleep.models.config``, ``megasleep.train.config``) are the same chain plus how their sections
+nest.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 T = TypeVar("T", bound=BaseModel)
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 class ConfigError(ValueError):
@@ -61,16 +67,42 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML (or JSON: YAML reads it) config file as a mapping."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
     return data
+
+
+read_config_file = read_yaml  # JSON is YAML: exported config.json files go through the same reader
+
+
+def resolve_path(path: str | Path, relative_to: Path | None = None) -> Path:
+    """A config-referenced file: as given (absolute or from the cwd), else next to the referencing
+    file, else from the repository root (so `configs/...` works from any directory)."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    for base in (relative_to, REPO_ROOT):
+        if base is not None and (base / p).exists():
+            return base / p
+    return p
+
+
+def deep_update(dst: dict, src: Mapping) -> dict:
+    """Merge ``src`` into ``dst`` recursively (mappings merge, everything else replaces)."""
+    for k, v in src.items():
+        if isinstance(v, Mapping) and isinstance(dst.get(k), dict):
+            deep_update(dst[k], v)
+        else:
+            dst[k] = v
+    return dst
 
 
 def format_validation_error(exc: ValidationError, source: str, prefix: str = "") -> str:
@@ -80,6 +112,11 @@ def format_validation_error(exc: ValidationError, source: str, prefix: str = "")
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif err["type"] == "value_error":  # our own validators: the message names the keys and values
+            msg = msg.removeprefix("Value error, ")
+            if not err["loc"]:
+                lines.append(f"{source}: {msg}" if not prefix else f"{source}: {prefix}: {msg}")
+                continue
         elif "input" in err and err["type"] not in ("missing",):
             msg = f"{msg} (got {err['input']!r})"
         lines.append(f"{source}: {key or '<root>'}: {msg}")

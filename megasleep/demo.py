@@ -87,6 +87,7 @@ def train_one(n: int, data: Path, out: Path, settings: dict, eval_passes: list[i
         "data.source=shards", f"data.train={data / 'train'}", f"data.val={data / 'val'}",
         "data.loader.num_workers=0", "data.loader.shuffle_buffer=200",
         f"sleep.passes={n}", f"train.steps={settings['steps']}", f"train.global_batch_size={settings['batch']}",
+        f"optim.warmup_steps={min(20, settings['steps'] // 4)}",
         f"train.micro_batch_size={settings['batch'] // ranks}", f"train.log_every={max(1, settings['steps'] // 50)}",
         f"train.time_budget_minutes={settings['budget_minutes']}", "checkpoint.every=0",
         f"eval.passes=[{','.join(map(str, eval_passes))}]", f"eval.samples={settings['val_samples']}",

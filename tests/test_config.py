@@ -67,3 +67,20 @@ def test_missing_file_and_bad_override(tmp_path):
         load_model_config(tmp_path / "nope.yaml")
     with pytest.raises(ConfigError, match="expected key=value"):
         load_model_config(write(tmp_path, GOOD), ["d_model"])
+
+
+def test_one_model_loader_for_every_file_that_holds_a_model(tmp_path):
+    """Model YAML, experiment YAML (model as a path or as base + changes) and an exported config.json
+    all go through load_model_config and give the same ModelConfig."""
+    import json
+
+    model = write(tmp_path, GOOD)
+    ref = load_model_config(model)
+    exp_path = write(tmp_path, f"model: {model}\nsleep: {{window: 8}}\n", "exp.yaml")
+    exp_base = write(tmp_path, f"model: {{base: {model}, d_model: 128}}\n", "exp2.yaml")
+    exported = tmp_path / "config.json"
+    exported.write_text(json.dumps({**ref.model_dump(mode="json"), "sleep": {"window": 8}, "format": "megasleep"}))
+    assert load_model_config(exp_path) == ref == load_model_config(exported)
+    assert load_model_config(exp_base) == ref.model_copy(update={"d_model": 128})
+    with pytest.raises(ConfigError, match="model.base: model config file not found"):
+        load_model_config(write(tmp_path, "model: {base: nope.yaml}\n", "exp3.yaml"))

@@ -31,7 +31,7 @@ def test_wilson_matches_reference_values():
 
 
 def test_plan_gives_every_n_of_a_seed_the_same_data_and_differs_only_in_depth():
-    cfg = StudyConfig(**BASE, random_passes=(1, 4), overrides=["train.steps=5"])
+    cfg = StudyConfig(**BASE, random_passes=(1, 4), overrides=["train.steps=5", "optim.warmup_steps=1"])
     runs = plan(cfg)
     assert [r.dirname for r in runs] == ["N1-seed0", "N2-seed0", "N1-seed1", "N2-seed1", "Nrand-seed0"]
     for seed in (0, 1):
@@ -113,7 +113,8 @@ def test_small_study_end_to_end_and_reuse_of_finished_runs(tmp_path):
     study = tmp_path / "mini.yaml"
     study.write_text(
         "name: mini\nexperiment: configs/experiments/tiny-demo.yaml\n"
-        "overrides: [train.steps=3, train.global_batch_size=4, train.micro_batch_size=4, train.log_every=1,\n"
+        "overrides: [train.steps=3, optim.warmup_steps=1, train.global_batch_size=4, train.micro_batch_size=4,\n"
+        "  train.log_every=1,\n"
         "  logging.tensorboard=false, logging.progress=false, checkpoint.export=false, eval.batch_size=8,\n"
         "  data.task.difficulty=0-1]\n"
         f"passes: [1, 2]\nseeds: [0]\neval_passes: [1, 2]\neval_samples: 8\nchance: 0.5\n"

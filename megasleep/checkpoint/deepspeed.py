@@ -47,22 +47,11 @@ def resolve_checkpoint(path: str | Path, tag: str | None = None) -> tuple[Path, 
 
 def model_config_from_file(path: Path) -> tuple[ModelConfig, dict]:
     """(ModelConfig, sleep dict) from a config.json, a model YAML or an experiment YAML."""
-    from megasleep.config import read_yaml, validate
+    from megasleep.config import read_config_file
     from megasleep.models.config import load_model_config
 
-    if path.suffix == ".json":
-        raw = json.loads(path.read_text())
-        raw = raw.get("model", raw) if isinstance(raw.get("model"), dict) else raw
-        fields = set(ModelConfig.model_fields)
-        return validate(ModelConfig, {k: v for k, v in raw.items() if k in fields}, str(path)), {}
-    raw = read_yaml(path)
-    model = raw.get("model")
-    if isinstance(model, str):  # experiment YAML naming a model YAML
-        mp = Path(model)
-        if not mp.is_absolute():
-            mp = path.parent / mp
-        return load_model_config(mp), raw.get("sleep") or {}
-    return load_model_config(path), raw.get("sleep") or {}
+    sleep = {} if path.suffix == ".json" else read_config_file(path).get("sleep") or {}
+    return load_model_config(path), sleep
 
 
 def consolidated_from_zero(ckpt_dir: str | Path, tag: str | None = None) -> dict[str, torch.Tensor]:

@@ -168,13 +168,12 @@ def is_megasleep_config(raw: dict) -> bool:
 
 def read_config(path: str | os.PathLike) -> tuple[ModelConfig, dict]:
     """(ModelConfig, metadata) of a megasleep export directory (metadata = the non-model keys)."""
-    from megasleep.config import validate
+    from megasleep.models.config import load_model_config
 
     p = Path(path)
     raw = read_json(p / CONFIG_NAME)
-    fields = set(ModelConfig.model_fields)
-    cfg = validate(ModelConfig, {k: v for k, v in raw.items() if k in fields}, str(p / CONFIG_NAME))
-    meta = {k: v for k, v in raw.items() if k not in fields}
+    cfg = load_model_config(p / CONFIG_NAME)
+    meta = {k: v for k, v in raw.items() if k not in ModelConfig.model_fields}
     return cfg, meta
 
 

@@ -1,13 +1,24 @@
-"""Typed model config (SPEC §2, §5). Validated at load time so that a bad pattern letter, heads that do
-not divide the width, or an impossible prelude/coda split fail with one message naming the key."""
+"""Typed model config (docs/architecture.md). Validated at load time so that a bad pattern letter, heads
+that do not divide the width, or an impossible prelude/coda split fail with one message naming the key."""
 
 from __future__ import annotations
 
-from typing import Literal
+import copy
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from megasleep.config import ConfigError, StrictModel, load_config
+from megasleep.config import (
+    ConfigError,
+    StrictModel,
+    apply_overrides,
+    deep_update,
+    load_config,
+    read_config_file,
+    resolve_path,
+    validate,
+)
 
 MIXER_LETTERS = {"A": "attn", "M": "mamba2", "G": "gdn"}
 
@@ -129,21 +140,50 @@ class ModelConfig(StrictModel):
         return range(0, self.n_prelude), range(self.n_prelude, n - self.n_coda), range(n - self.n_coda, n)
 
 
-def load_model_config(path=None, overrides=(), base=None) -> ModelConfig:
-    """Load a model YAML. A file may hold the model at top level or under a ``model:`` section."""
-    from megasleep.config import apply_overrides, read_yaml, validate
+def model_file_section(raw: dict[str, Any], source: str, cfg_dir: Path | None) -> dict[str, Any]:
+    """The model keys of a config file: a model YAML (at top level or under ``model:``), an exported
+    ``config.json`` (its extra keys dropped), or an experiment whose ``model`` names a file."""
+    model = raw.get("model")
+    if isinstance(model, str) or (isinstance(model, dict) and "base" in model):
+        return model_section(model, source, cfg_dir)  # an experiment naming its model file
+    data = dict(model) if isinstance(model, dict) else dict(raw)
+    if source.endswith(".json"):  # config.json of an exported model: also sleep, source, ... entries
+        data = {k: v for k, v in data.items() if k in ModelConfig.model_fields}
+    return data
 
+
+def model_section(model: Any, source: str, cfg_dir: Path | None) -> dict[str, Any]:
+    """An experiment's ``model`` entry as one mapping: a path to a model file, or ``{base: path, ...}``
+    (the file's keys with these changed), or every key inline."""
+    if isinstance(model, str):
+        model = {"base": model}
+    if not isinstance(model, dict):
+        raise ConfigError(f"{source}: model: expected a path to a model YAML or a mapping, "
+                          f"got {type(model).__name__}")
+    data = copy.deepcopy(model)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    path = resolve_path(base, cfg_dir)
+    if not path.is_file():
+        raise ConfigError(f"{source}: model.base: model config file not found: {base}")
+    return deep_update(model_file_section(read_config_file(path), str(path), path.parent), data)
+
+
+def load_model_config(path=None, overrides=(), base=None) -> ModelConfig:
+    """A model from any file that holds one (model YAML, exported config.json, experiment YAML), over
+    ``base``, with dotted overrides (``d_model=128`` or ``model.d_model=128``)."""
     data = dict(base or {})
     source = "<defaults>"
     if path is not None:
-        raw = read_yaml(path)
-        data.update(raw.get("model", raw) if isinstance(raw.get("model"), dict) else raw)
+        path = Path(path)
+        data.update(model_file_section(read_config_file(path), str(path), path.parent))
         source = str(path)
     overrides = [o[len("model."):] if o.startswith("model.") else o for o in overrides]
     if overrides:
         apply_overrides(data, overrides)
         source += " (with overrides " + " ".join(overrides) + ")"
-    return validate(ModelConfig, data, source, prefix="")
+    return validate(ModelConfig, data, source)
 
 
 __all__ = ["AttnConfig", "ConfigError", "GDNConfig", "MLPConfig", "Mamba2Config", "ModelConfig",

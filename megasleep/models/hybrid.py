@@ -46,19 +46,27 @@ class HybridLM(nn.Module):
     def coda(self) -> list[Block]:
         return [self.layers[i] for i in self.coda_idx]
 
+    def init_plan(self) -> list[tuple[nn.Module, float]]:
+        """(module, std) in draw order: every Linear (residual outputs scaled by 1/sqrt(2 D)), then the
+        embedding. Shared by reset_parameters and the trainer's ZeRO-3 re-init (same weights)."""
+        std = self.config.init_std
+        out_std = std / math.sqrt(2 * len(self.layers))
+        plan = [(mod, out_std if name.rsplit(".", 1)[-1] in ("o_proj", "out_proj", "down_proj") else std)
+                for name, mod in self.named_modules() if isinstance(mod, nn.Linear)]
+        return [*plan, (self.embed_tokens, std)]
+
+    @staticmethod
+    def init_module(mod: nn.Module, std: float) -> None:
+        nn.init.normal_(mod.weight, std=std)
+        if isinstance(mod, nn.Linear) and mod.bias is not None:
+            nn.init.zeros_(mod.bias)
+
     def reset_parameters(self) -> None:
         """Normal(0, init_std) for projections and embeddings; residual outputs scaled by 1/sqrt(2 D)."""
         if self.embed_tokens.weight.device.type == "meta":
             return
-        std = self.config.init_std
-        out_std = std / math.sqrt(2 * len(self.layers))
-        for name, mod in self.named_modules():
-            if isinstance(mod, nn.Linear):
-                last = name.rsplit(".", 1)[-1]
-                nn.init.normal_(mod.weight, std=out_std if last in ("o_proj", "out_proj", "down_proj") else std)
-                if mod.bias is not None:
-                    nn.init.zeros_(mod.bias)
-        nn.init.normal_(self.embed_tokens.weight, std=std)
+        for mod, std in self.init_plan():
+            self.init_module(mod, std)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         seen, total = set(), 0

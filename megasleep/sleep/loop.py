@@ -31,17 +31,25 @@ from megasleep.sleep.config import SleepConfig
 
 @dataclass
 class SleepOutput:
+    """Losses come as sums with their token counts: micro-batches and ranks add up with one ``+=`` and
+    one all-reduce, and means are taken once, at the end."""
+
     loss: Tensor                      # mean CE over target tokens (0 if none)
-    loss_sum: Tensor                  # summed CE (for exact averaging across micro-batches / ranks)
+    loss_sum: Tensor                  # summed CE over target tokens
     n_tokens: int                     # number of target tokens
-    window_loss: list[float]          # mean CE per window index (nan where a window has no targets)
-    window_tokens: list[int]
+    window_loss_sum: Tensor           # [windows] summed CE per window index (detached)
+    window_tokens: list[int]          # target tokens per window index
     passes: int                       # N used for this call
     passes_used: list[int]            # passes actually run per window (adaptive sleep may stop early)
     caches: Caches | None = None
     logits: Tensor | None = None      # [B, T, V] when return_logits
     forwards: int = 0                 # (window, core pass) forwards executed (for FLOP accounting)
     extras: dict = field(default_factory=dict)
+
+    @property
+    def window_loss(self) -> list[float]:
+        """Mean CE per window index (nan where a window has no targets); reads the sums to the host."""
+        return [s / n if n else float("nan") for s, n in zip(self.window_loss_sum.tolist(), self.window_tokens)]
 
 
 def _relative_change(new: Caches, old: Caches, idx: list[int]) -> float:
@@ -159,7 +167,7 @@ class SleepRunner:
         tmask[:, :-1] = loss_mask[:, 1:].bool()
 
         loss_sum = torch.zeros((), device=device)
-        window_loss, window_tokens, passes_used, logits_out = [], [], [], []
+        window_sums, window_tokens, passes_used, logits_out = [], [], [], []
         forwards = 0
         for s in range(0, T, L):
             e = min(s + L, T)
@@ -173,7 +181,7 @@ class SleepRunner:
             logits, caches, wsum = self.wake_head_loss(h, caches, ctx, targets[:, s:e], wmask, return_logits)
             n = int(wmask.sum())
             loss_sum = loss_sum + wsum
-            window_loss.append(float(wsum.detach()) / n if n else float("nan"))
+            window_sums.append(wsum.detach())
             window_tokens.append(n)
             if logits is not None:
                 logits_out.append(logits)
@@ -186,7 +194,7 @@ class SleepRunner:
                 caches = self.evict(caches)
         n_tok = int(tmask.sum())
         loss = loss_sum / max(n_tok, 1)
-        return SleepOutput(loss=loss, loss_sum=loss_sum, n_tokens=n_tok, window_loss=window_loss,
+        return SleepOutput(loss=loss, loss_sum=loss_sum, n_tokens=n_tok, window_loss_sum=torch.stack(window_sums),
                            window_tokens=window_tokens, passes=passes, passes_used=passes_used,
                            caches=caches, logits=torch.cat(logits_out, 1) if return_logits else None,
                            forwards=forwards)

@@ -4,6 +4,10 @@ Run it under any launcher that sets RANK / WORLD_SIZE / MASTER_ADDR (torchrun, t
 srun via launch/pretrain.sh), or with plain python for one process. Other modes:
 
     megasleep train CONFIG --print-config          resolved config (model inlined), then exit
+    megasleep train CONFIG --check-only --world-size W
+                                                   every check a run at W ranks makes before starting
+                                                   (paths, DeepSpeed JSON, batch / world divisibility):
+                                                   exit 0, or exit 2 with one line on stderr
     megasleep train CONFIG --eval-only             evaluate the run's latest checkpoint at eval.passes
 
 (`megasleep export RUN_DIR --out DIR` consolidates any saved checkpoint into an HF-style directory.)
@@ -12,7 +16,12 @@ srun via launch/pretrain.sh), or with plain python for one process. Other modes:
 from __future__ import annotations
 
 import argparse
+import importlib
+import os
 import sys
+
+# "module:Class" of a Trainer subclass to run instead of the Trainer (tests use it to inject faults)
+TRAINER_ENV = "MEGASLEEP_TRAINER"
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,16 +31,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", default=[], help="dotted key=value overrides, e.g. sleep.passes=2")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--print-run-dir", action="store_true", help="print the run directory and exit")
+    p.add_argument("--check-only", action="store_true",
+                   help="validate the config for --world-size ranks (paths, DeepSpeed JSON, batch split) and exit")
+    p.add_argument("--world-size", type=int, default=None, metavar="W",
+                   help="ranks the run will have (with --check-only; default: $WORLD_SIZE, else 1)")
     p.add_argument("--eval-only", action="store_true",
                    help="evaluate the run's latest checkpoint at eval.passes (writes eval.json) and exit")
+    # `deepspeed --module megasleep.train.cli` appends --local_rank=N (LOCAL_RANK in the environment says the same)
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def trainer_class():
+    from megasleep.train.trainer import Trainer
+
+    spec = os.environ.get(TRAINER_ENV)
+    if not spec:
+        return Trainer
+    module, _, name = spec.partition(":")
+    cls = getattr(importlib.import_module(module), name, None)
+    if not (isinstance(cls, type) and issubclass(cls, Trainer)):
+        raise ValueError(f"{TRAINER_ENV}={spec}: not a megasleep Trainer subclass (expected module:Class)")
+    return cls
 
 
 def main(args) -> int:
+    from megasleep.config import ConfigError
     from megasleep.train.config import load_experiment
+    from megasleep.train.distributed import launcher_world_size
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:
         config, overrides = None, [config, *overrides]
+    if args.local_rank is not None:
+        os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     cfg = load_experiment(config, overrides)
     if args.print_config:
         from megasleep.train.config import dump_yaml
@@ -43,10 +75,22 @@ def main(args) -> int:
         return 0
     from megasleep.data.errors import DataError
     from megasleep.train.checkpoint import CheckpointError
+
+    if args.check_only:
+        from megasleep.train.preflight import preflight
+
+        world = args.world_size if args.world_size is not None else launcher_world_size()
+        try:
+            preflight(cfg, world)
+        except (ConfigError, CheckpointError, DataError, FileNotFoundError) as exc:
+            print(f"megasleep train: error: {exc} (checked for world size {world})", file=sys.stderr)
+            return 2
+        print(f"megasleep train: {cfg.source}: ok for world size {world}", file=sys.stderr)
+        return 0
     from megasleep.train.trainer import run
 
     try:
-        return run(cfg, eval_only=args.eval_only)
+        return run(cfg, eval_only=args.eval_only, trainer_cls=trainer_class())
     except (CheckpointError, DataError) as exc:
         print(f"megasleep train: error: {exc}", file=sys.stderr)
         return 2

@@ -1,36 +1,30 @@
 """The experiment config: one YAML (``configs/experiments/*.yaml``) plus dotted overrides.
 
-Sections (every one validated, unknown keys rejected, errors name the file and the dotted key)::
-
-    name, run_dir, seed
-    model       path to configs/models/*.yaml, or an inline mapping (``base: path`` + changed keys)
-    sleep       megasleep.sleep.SleepConfig (window L, passes N, eviction, random N, truncation, ...)
-    data        where batches come from (on-the-fly task generation or WebDataset shards)
-    optim       AdamW or Muon(hidden matrices)+AdamW, schedule, clipping
-    train       steps, batch sizes, precision, device, guards
-    checkpoint  every, keep_last, resume, export
-    deepspeed   ZeRO JSON (configs/deepspeed/zero*.json) and overrides
-    logging     console / JSONL / TensorBoard / W&B
-    eval        periodic evaluation at several N
-
-``load_experiment(path, overrides)`` returns an :class:`ExperimentConfig` whose ``model`` has been
-resolved into a validated :class:`~megasleep.models.ModelConfig` (``cfg.model_cfg``).
+Contract: :func:`load_experiment` returns a validated :class:`ExperimentConfig` (every section typed,
+``model`` a :class:`~megasleep.models.ModelConfig`) or raises one ConfigError naming the file and
+the dotted key. Sections and their keys: docs/training.md.
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, PrivateAttr, model_validator
+from pydantic import Field, PrivateAttr, field_validator, model_validator
 
-from megasleep.config import ConfigError, StrictModel, apply_overrides, read_yaml, validate
-from megasleep.models.config import ModelConfig
+from megasleep.config import (  # noqa: F401  (resolve_path: imported from here by callers)
+    REPO_ROOT,
+    ConfigError,
+    StrictModel,
+    apply_overrides,
+    read_config_file,
+    resolve_path,
+    validate,
+)
+from megasleep.models.config import ModelConfig, model_section
 from megasleep.sleep.config import SleepConfig
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_EXPERIMENT = REPO_ROOT / "configs" / "experiments" / "tiny-demo.yaml"
 
 Difficulty = int | str | list[int]
@@ -45,6 +39,38 @@ class TaskDataConfig(StrictModel):
     difficulty: Difficulty = Field("1", description="training difficulties, e.g. 32, '1-16', [1,2,4]")
     eval_difficulty: Difficulty | None = Field(None, description="eval difficulties (default: difficulty)")
     seed: int = 0
+
+    @field_validator("name")
+    @classmethod
+    def _known_task(cls, name: str) -> str:
+        from megasleep.data.tasks import TASKS
+
+        if name not in TASKS:
+            raise ValueError(f"unknown task {name!r}; valid names: {', '.join(sorted(TASKS))}")
+        return name
+
+    @field_validator("difficulty", "eval_difficulty")
+    @classmethod
+    def _parses(cls, spec: Difficulty | None) -> Difficulty | None:
+        from megasleep.data.tasks import parse_difficulty
+
+        if spec is not None:
+            try:
+                parse_difficulty(spec)
+            except ValueError:
+                raise ValueError(f"{spec!r} is not a difficulty: use an integer, a range '1-16', a list "
+                                 "'1,2,4' or [1, 2, 4]") from None
+        return spec
+
+    @model_validator(mode="after")
+    def _known_params(self) -> TaskDataConfig:
+        from megasleep.data.tasks import get_task
+
+        unknown = sorted(set(self.params) - set(get_task(self.name).defaults))
+        if unknown:
+            raise ValueError(f"params: {unknown} are not parameters of task {self.name!r} "
+                             f"(it has {sorted(get_task(self.name).defaults)})")
+        return self
 
 
 class DataConfig(StrictModel):
@@ -83,17 +109,6 @@ class OptimConfig(StrictModel):
                                                           "these globs (e.g. 'layers.3.mixer.*'); None = all")
 
 
-class FaultConfig(StrictModel):
-    """Fault injection for tests (all off by default)."""
-
-    nan_loss_steps: list[int] = Field(default_factory=list,
-                                      description="make the loss NaN at these steps (1-based, as logged)")
-    pause_in_save_steps: list[int] = Field(default_factory=list, description="when saving at these steps, "
-                                           "sleep after the files are written and before marking them complete")
-    pause_in_save_seconds: float = Field(60.0, ge=0)
-    step_sleep: float = Field(0.0, ge=0, description="seconds to sleep after every step (slows a run down)")
-
-
 class TrainConfig(StrictModel):
     steps: int = Field(ge=1)
     global_batch_size: int = Field(ge=1, description="sequences per optimizer step, all ranks together")
@@ -108,7 +123,8 @@ class TrainConfig(StrictModel):
                                                                     "wall time, like a preemption")
     time_budget_minutes: float | None = Field(None, gt=0, description="end training after this wall time as "
                                                                       "if train.steps were reached (eval, export)")
-    fault: FaultConfig = FaultConfig()
+    divergence_factor: float | None = Field(10.0, gt=1, description="stop (failed) when a step's loss exceeds "
+                                            "this x the best loss so far; None = off")
 
 
 class CheckpointConfig(StrictModel):
@@ -121,6 +137,8 @@ class CheckpointConfig(StrictModel):
     init_from: str | None = Field(None, description="start from the weights of an exported model directory "
                                                     "(config.json + model.safetensors); tensors the model has "
                                                     "and the directory lacks keep their fresh init (reported)")
+    allow_steps_change: bool = Field(False, description="resume with another train.steps: re-plan the lr "
+                                                        "schedule over the new length (else refused)")
 
 
 class DeepSpeedConfig(StrictModel):
@@ -167,7 +185,8 @@ class ExperimentConfig(StrictModel):
     name: str = "experiment"
     description: str = ""
     run_dir: str = Field("runs/{name}", description="outputs; '{name}' is replaced by the name")
-    model: dict[str, Any]
+    model: ModelConfig = Field(description="in a YAML: a model file path, or a mapping (``base: path`` + changed "
+                                           "keys, or every key inline)")
     sleep: SleepConfig
     data: DataConfig = DataConfig()
     optim: OptimConfig = OptimConfig()
@@ -177,13 +196,23 @@ class ExperimentConfig(StrictModel):
     logging: LoggingConfig = LoggingConfig()
     eval: EvalConfig = EvalConfig()
 
-    _model_cfg: ModelConfig | None = PrivateAttr(None)
     _source: str = PrivateAttr("<config>")
+
+    @model_validator(mode="after")
+    def _check(self) -> ExperimentConfig:
+        t = self.train
+        if t.global_batch_size % t.micro_batch_size:
+            raise ValueError(f"train.global_batch_size={t.global_batch_size} is not a multiple of "
+                             f"train.micro_batch_size={t.micro_batch_size}")
+        if self.optim.warmup_steps >= t.steps:
+            raise ValueError(f"optim.warmup_steps={self.optim.warmup_steps} is not shorter than the run "
+                             f"(train.steps={t.steps}): the lr would never reach its peak")
+        return self
 
     @property
     def model_cfg(self) -> ModelConfig:
-        assert self._model_cfg is not None, "use load_experiment() to build an ExperimentConfig"
-        return self._model_cfg
+        """The same as ``model`` (the name older code uses)."""
+        return self.model
 
     @property
     def source(self) -> str:
@@ -198,47 +227,8 @@ class ExperimentConfig(StrictModel):
         return Path(self.checkpoint.dir) if self.checkpoint.dir else self.run_path / "checkpoints"
 
     def resolved(self) -> dict[str, Any]:
-        """The config with the model inlined (what goes into run_dir/config.yaml and checkpoints)."""
-        data = self.model_dump(mode="json")
-        data["model"] = self.model_cfg.model_dump(mode="json")
-        return data
-
-
-def resolve_path(path: str | Path, relative_to: Path | None = None) -> Path:
-    """A config-referenced file: as given (absolute or from the cwd), else next to the referencing
-    file, else from the repository root (so `configs/...` works from any directory)."""
-    p = Path(path)
-    if p.is_absolute() or p.exists():
-        return p
-    for base in (relative_to, REPO_ROOT):
-        if base is not None and (base / p).exists():
-            return base / p
-    return p
-
-
-def _resolve_model(model: dict[str, Any], source: str, cfg_dir: Path | None) -> ModelConfig:
-    data = copy.deepcopy(model)
-    base = data.pop("base", None)
-    merged: dict[str, Any] = {}
-    where = source
-    if base is not None:
-        path = resolve_path(base, cfg_dir)
-        if not path.is_file():
-            raise ConfigError(f"{source}: model.base: model config file not found: {base}")
-        raw = read_yaml(path)
-        merged = raw["model"] if isinstance(raw.get("model"), dict) else raw
-        where = f"{source} (model.base {path})"
-    _deep_update(merged, data)
-    return validate(ModelConfig, merged, where, prefix="model")
-
-
-def _deep_update(dst: dict, src: dict) -> dict:
-    for k, v in src.items():
-        if isinstance(v, dict) and isinstance(dst.get(k), dict):
-            _deep_update(dst[k], v)
-        else:
-            dst[k] = v
-    return dst
+        """The config as plain data, model inlined (what goes into run_dir/config.yaml and checkpoints)."""
+        return self.model_dump(mode="json")
 
 
 def load_experiment(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> ExperimentConfig:
@@ -246,43 +236,26 @@ def load_experiment(path: str | Path | None = None, overrides: list[str] | tuple
     path = Path(path) if path is not None else DEFAULT_EXPERIMENT
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory, expected an experiment YAML file")
-    data = read_yaml(path)
+    data = read_config_file(path)
     source = str(path)
-    # `model: configs/models/tiny.yaml` is shorthand for `model: {base: configs/models/tiny.yaml}`
-    if isinstance(data.get("model"), str):
-        data["model"] = {"base": data["model"]}
     overrides = list(overrides)
     for o in overrides:  # `model=configs/models/x.yaml` swaps the model file
         if o.startswith("model=") and "." not in o.split("=", 1)[0]:
-            data["model"] = {"base": o.split("=", 1)[1]}
+            data["model"] = o.split("=", 1)[1]
+    if "model" in data:
+        data["model"] = model_section(data["model"], source, path.parent)
     rest = [o for o in overrides if not o.startswith("model=")]
+    if overrides:
+        source += " (with overrides " + " ".join(overrides) + ")"
     if rest:
         apply_overrides(data, rest)
-        source += " (with overrides " + " ".join(overrides) + ")"
-    if "model" in data and not isinstance(data["model"], dict):
-        raise ConfigError(f"{source}: model: expected a path to a model YAML or a mapping, "
-                          f"got {type(data['model']).__name__}")
-    cfg = validate(ExperimentConfig, data, source)
-    cfg._source = source
-    cfg._model_cfg = _resolve_model(cfg.model, source, path.parent)
-    _check_consistency(cfg, source)
-    return cfg
-
-
-def _check_consistency(cfg: ExperimentConfig, source: str) -> None:
-    t = cfg.train
-    if t.global_batch_size % t.micro_batch_size:
-        raise ConfigError(f"{source}: train.global_batch_size={t.global_batch_size} is not a multiple of "
-                          f"train.micro_batch_size={t.micro_batch_size}")
-    if cfg.sleep.random_passes is None and cfg.sleep.passes < 1:
-        raise ConfigError(f"{source}: sleep.passes must be >= 1")
+    return experiment_from_dict(data, source)
 
 
 def experiment_from_dict(data: dict[str, Any], source: str = "<dict>") -> ExperimentConfig:
-    """Rebuild a config saved by :meth:`ExperimentConfig.resolved` (model inline)."""
+    """Validate a config given as data (e.g. one saved by :meth:`ExperimentConfig.resolved`)."""
     cfg = validate(ExperimentConfig, data, source)
     cfg._source = source
-    cfg._model_cfg = _resolve_model(cfg.model, source, None)
     return cfg
 
 

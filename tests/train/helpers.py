@@ -33,9 +33,9 @@ def train_cmd(*overrides: str, config: str | None = None) -> list[str]:
 
 
 def run_train(*overrides: str, config: str | None = None, timeout: float = 300, check: bool = True,
-              **kw) -> subprocess.CompletedProcess:
-    p = subprocess.run(train_cmd(*overrides, config=config), cwd=ROOT, env=env(), capture_output=True, text=True,
-                       timeout=timeout, **kw)
+              extra_env: dict | None = None, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run(train_cmd(*overrides, config=config), cwd=ROOT, env=env(**(extra_env or {})),
+                       capture_output=True, text=True, timeout=timeout, **kw)
     if check and p.returncode != 0:
         raise AssertionError(f"megasleep train failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
     return p

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from megasleep.config import ConfigError
+from megasleep.models import ModelConfig
 from megasleep.train.config import DEFAULT_EXPERIMENT, load_experiment
 from tests.train.helpers import PY, ROOT, env
 
@@ -25,10 +26,11 @@ def write(tmp_path: Path, text: str, name: str = "exp.yaml") -> Path:
 def test_default_and_overrides():
     cfg = load_experiment(None, ["sleep.passes=2", "model.d_model=32", "optim.name=muon", "run_dir=/tmp/x/{name}"])
     assert cfg.name == "tiny-demo" and cfg.sleep.passes == 2 and cfg.optim.name == "muon"
-    assert cfg.model_cfg.d_model == 32 and cfg.model_cfg.pattern == "AGAG"  # base file + inline change
+    assert cfg.model.d_model == 32 and cfg.model.pattern == "AGAG"  # base file + inline change
+    assert isinstance(cfg.model, ModelConfig) and cfg.model_cfg is cfg.model
     assert str(cfg.run_path) == "/tmp/x/tiny-demo"
     swapped = load_experiment(DEFAULT_EXPERIMENT, ["model=configs/models/tiny-mamba.yaml"])
-    assert "M" in swapped.model_cfg.pattern
+    assert "M" in swapped.model.pattern
 
 
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
@@ -40,7 +42,7 @@ def test_shipped_experiments_load(path):
     assert resolve_path(cfg.deepspeed.config).is_file(), cfg.deepspeed.config
     t = cfg.train
     assert t.global_batch_size % t.micro_batch_size == 0
-    assert count(cfg.model_cfg)["total"] > 0  # builds on the meta device
+    assert count(cfg.model)["total"] > 0  # builds on the meta device
     assert cfg.sleep.window >= 1
 
 
@@ -59,6 +61,11 @@ train: {steps: 2, global_batch_size: 4, micro_batch_size: 2}
     ("checkpoint: {keep_last: 0}\n", ["checkpoint.keep_last"]),
     ("data: {source: shards}\n", ["data", "needs data.train"]),
     ("eval: {passes: []}\n", ["eval", "non-empty"]),
+    ("data: {task: {name: rule111}}\n", ["data.task.name", "unknown task 'rule111'", "depo, gsm, rule110"]),
+    ("data: {task: {difficulty: abc}}\n", ["data.task.difficulty", "'abc' is not a difficulty"]),
+    ("data: {task: {eval_difficulty: 3-1}}\n", ["data.task.eval_difficulty", "'3-1' is not a difficulty"]),
+    ("data: {task: {params: {widht: 8}}}\n", ["data.task", "widht", "not parameters of task 'rule110'"]),
+    ("optim: {warmup_steps: 2}\n", ["optim.warmup_steps=2", "train.steps=2"]),
 ])
 def test_malformed_experiment(tmp_path, extra, words):
     path = write(tmp_path, GOOD + extra)
@@ -140,3 +147,25 @@ def test_command_line_exit_status_and_message(tmp_path):
         "megasleep train: error: checkpoint.resume: /nonexistent/ckpts: no such checkpoint directory")
     p = _cli("sleep.passes=3", f"run_dir={tmp_path}/r-{{name}}", "--print-run-dir")
     assert p.returncode == 0 and p.stdout.strip() == f"{tmp_path}/r-tiny-demo"
+
+
+def test_config_errors_are_one_line_and_fail_print_config(tmp_path, capsys):
+    """A wrong task name fails at load (so --print-config and the launch preflight refuse it too), in
+    one line listing the valid names; a bad difficulty names its key."""
+    for args, words in ((["data.task.name=rule111"], ["data.task.name", "valid names: depo, gsm, rule110"]),
+                        (["data.task.difficulty=abc"], ["data.task.difficulty", "'abc'"]),
+                        (["train.steps=5"], ["optim.warmup_steps=20", "train.steps=5"])):
+        rc, err = _cli_in_process(capsys, *args, "--print-config")
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and all(w in lines[0] for w in words), err
+        assert "got {" not in lines[0]  # not the whole config dumped into the message
+
+
+def test_model_is_a_typed_section_and_round_trips():
+    from megasleep.train.config import experiment_from_dict
+
+    cfg = load_experiment(None, ["model.d_model=32"])
+    again = experiment_from_dict(cfg.resolved(), "saved")
+    assert again.model_dump() == cfg.model_dump() and again.model.d_model == 32
+    inline = load_experiment(None, ["model=configs/models/tiny-mamba.yaml", "model.n_coda=1"])
+    assert inline.model.n_coda == 1 and "M" in inline.model.pattern

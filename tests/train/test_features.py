@@ -11,6 +11,7 @@ import torch
 from megasleep.sleep import SleepConfig
 from megasleep.train.config import OptimConfig
 from megasleep.train.optim import lr_multiplier
+from tests.train.faults import fault_env
 from tests.train.helpers import run_train
 
 
@@ -70,8 +71,9 @@ def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
     status.json 'failed', and no checkpoint written during the bad streak."""
     run = tmp_path / "run"
     p = run_train(f"run_dir={run}", "train.steps=8", "train.log_every=1", "train.global_batch_size=4",
-                  "train.micro_batch_size=2", "train.fault.nan_loss_steps=[3,5,6,7]", "train.max_bad_steps=3",
-                  "checkpoint.every=2", "eval.at_end=false", "logging.tensorboard=false", check=False)
+                  "train.micro_batch_size=2", "train.max_bad_steps=3", "optim.warmup_steps=2",
+                  "checkpoint.every=2", "eval.at_end=false", "logging.tensorboard=false", check=False,
+                  extra_env=fault_env(nan_loss_steps=[3, 5, 6, 7]))
     assert p.returncode == 3, p.stderr[-3000:]
     assert "3 non-finite steps in a row" in p.stderr and "step_00000004" in p.stderr
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 
+from tests.train.faults import fault_env
 from tests.train.golden import compare, read_golden
 from tests.train.helpers import FAST, ROOT, env, losses, run_train, status, train_cmd, wait_for
 
@@ -28,7 +29,7 @@ def test_sigterm_then_resume_is_exact(reference_run, tmp_path):
     _, ref = reference_run
     run_dir = tmp_path / "run"
     args = [*FAST, f"run_dir={run_dir}"]
-    p = subprocess.Popen(train_cmd(*args, "train.fault.step_sleep=0.3"), cwd=ROOT, env=env(),
+    p = subprocess.Popen(train_cmd(*args), cwd=ROOT, env=env(**fault_env(step_sleep=0.3)),
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for(lambda: len(losses(run_dir)) >= 4, 180, "step 4", proc=p)
@@ -58,8 +59,9 @@ def test_sigkill_during_save_keeps_previous_checkpoint(reference_run, tmp_path):
     run_dir = tmp_path / "run"
     ckpt = run_dir / "checkpoints"
     args = [*FAST, f"run_dir={run_dir}", "checkpoint.every=3", "checkpoint.keep_last=2"]
-    p = subprocess.Popen(train_cmd(*args, "train.fault.pause_in_save_steps=[6]", "train.fault.pause_in_save_seconds=120"),
-                         cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    p = subprocess.Popen(train_cmd(*args), cwd=ROOT,
+                         env=env(**fault_env(pause_in_save_steps=[6], pause_in_save_seconds=120)),
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True)
     try:
         wait_for(lambda: (ckpt / ".saving").is_file() and (ckpt / ".saving").read_text() == "step_00000006", 180,

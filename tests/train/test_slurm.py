@@ -20,14 +20,17 @@ import time
 
 import pytest
 
+from tests.train.faults import fault_env
 from tests.train.helpers import ROOT, env, losses, status, wait_for
 
 SLURM = ROOT.parent / "shared" / "slurm"
 pytestmark = pytest.mark.slurm
 
-RUN = ["train.steps=8", "train.log_every=1", "train.global_batch_size=8", "train.micro_batch_size=4",
+RUN = ["train.steps=8", "optim.warmup_steps=2", "train.log_every=1", "train.global_batch_size=8",
+       "train.micro_batch_size=4",
        "eval.at_end=false", "logging.tensorboard=false", "logging.progress=false", "checkpoint.export=false"]
-SWEEP = ["train.steps=3", "train.log_every=1", "train.global_batch_size=4", "train.micro_batch_size=4",
+SWEEP = ["train.steps=3", "optim.warmup_steps=1", "train.log_every=1", "train.global_batch_size=4",
+         "train.micro_batch_size=4",
          "eval.passes=[1,2]", "eval.samples=8", "logging.tensorboard=false", "checkpoint.export=false"]
 
 
@@ -45,10 +48,10 @@ def _cluster():
     assert shutil.which("sbatch"), "cluster started but sbatch is not on PATH"
 
 
-def _submit(args: list[str], out: str) -> tuple[subprocess.Popen, str]:
+def _submit(args: list[str], out: str, **extra_env: str) -> tuple[subprocess.Popen, str]:
     """sbatch --wait in the background; returns (process, job id)."""
     p = subprocess.Popen(["sbatch", "--wait", "--parsable", "--gpus-per-node=0", f"--output={out}", *args],
-                         cwd=ROOT, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                         cwd=ROOT, env=env(**extra_env), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     line = p.stdout.readline().strip()
     if not line:
         p.wait(30)
@@ -65,8 +68,8 @@ def jobs(tmp_path_factory):
         plain = _submit(["--ntasks-per-node=2", "launch/pretrain.sh", *RUN, f"run_dir={tmp}/plain"],
                         f"{tmp}/plain-%j.out")
         submitted.append(plain)
-        pre = _submit(["--ntasks-per-node=2", "launch/pretrain.sh", *RUN, f"run_dir={tmp}/preempt",
-                       "train.fault.step_sleep=1.5"], f"{tmp}/preempt-%j.out")
+        pre = _submit(["--ntasks-per-node=2", "launch/pretrain.sh", *RUN, f"run_dir={tmp}/preempt"],
+                      f"{tmp}/preempt-%j.out", **fault_env(step_sleep=1.5))
         submitted.append(pre)
         sweep = _submit(["--array=1,2", "--ntasks-per-node=1", "launch/sweep.sh", *SWEEP, f"run_dir={tmp}/sweep"],
                         f"{tmp}/sweep-%A_%a.out")
