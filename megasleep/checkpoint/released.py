@@ -39,9 +39,6 @@ from megasleep.models.config import ModelConfig
 FORMAT_VERSION = 1
 MODEL_TYPE = "megasleep"
 TOKENIZER_NAME = "tokenizer.model"
-# keys of config.json that are not ModelConfig fields but belong to the format (transformers adds a few)
-META_KEYS = ("model_type", "format_version", "megasleep_version", "torch_dtype", "tied_weights", "tokenizer",
-             "sleep", "source", "architectures", "transformers_version", "auto_map", "dtype")
 
 
 # ------------------------------------------------------------------------------------------------ save

@@ -170,3 +170,24 @@ def test_not_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(PretrainedError, match="not valid JSON"):
         load_pretrained(tmp_path)
+
+
+def test_deepspeed_model_states_are_read_weights_only(tmp_path):
+    """A stage-0 DeepSpeed checkpoint is read with torch.load(weights_only=True) too: a planted object in
+    mp_rank_00_model_states.pt is refused and never runs; plain containers + tensors load."""
+    from megasleep.checkpoint.deepspeed import read_training_checkpoint
+
+    model = tiny_model("AG", dtype=torch.float32)
+    tag = tmp_path / "ck" / "global_step1"
+    tag.mkdir(parents=True)
+    (tag / "megasleep.json").write_text(json.dumps({"config": {"model": model.config.model_dump(mode="json")}}))
+    sd = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"module": sd, "ds_version": "0.19.8", "ds_config": {"zero_optimization": {"stage": 0}}},
+               tag / "mp_rank_00_model_states.pt")
+    state, cfg, *_ = read_training_checkpoint(tmp_path / "ck", "global_step1")
+    assert set(state) == set(model.state_dict()) and cfg == model.config
+    marker = tmp_path / "ran"
+    torch.save({"module": sd, "evil": _Payload(marker)}, tag / "mp_rank_00_model_states.pt")
+    with pytest.raises(UnsafeCheckpointError, match="mp_rank_00_model_states.pt"):
+        read_training_checkpoint(tmp_path / "ck", "global_step1")
+    assert not marker.exists()
