@@ -146,7 +146,7 @@ def test_mamba_ssm_checkpoint_imports_every_tensor_and_matches_logits(mamba_ssm,
         got = model(ids)
     assert got.shape == want.shape
     err = (got - want).abs().max().item()
-    assert err < 2e-4 * max(1.0, want.abs().max().item()), err
+    assert err <= 1e-4 * max(1.0, want.abs().max().item()), err
 
 
 @pytest.mark.gpu
