@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
 
 import yaml
 
@@ -20,3 +23,17 @@ def parse_params(items: list[str] | None) -> dict:
 
 def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a data CLI: progress messages on stderr (timestamped when it is not a terminal); a bad input
+    (missing file, corrupt shard, bad value) ends in one line naming it and exit code 2, not a traceback."""
+    from megasleep.cli import setup_console_logging
+    from megasleep.data.errors import DataError
+
+    setup_console_logging()
+    try:
+        main()
+    except (DataError, FileNotFoundError, ValueError) as exc:
+        print(f"{Path(sys.argv[0]).name}: error: {exc}", file=sys.stderr)
+        sys.exit(2)

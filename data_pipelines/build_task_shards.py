@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import default_workers, parse_params  # noqa: E402
+from _common import default_workers, parse_params, run_cli  # noqa: E402
 
 
 def main(argv=None):
@@ -67,4 +67,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -11,8 +11,12 @@ Columns used: problem, question, solution ("... Answer: N."), op; id/template/mo
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import run_cli  # noqa: E402
 
 
 def main(argv=None):
@@ -40,4 +44,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

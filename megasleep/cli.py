@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 # name -> (module, help)
@@ -20,11 +21,37 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("megasleep.eval.export_cli", "DeepSpeed checkpoint -> HF-style directory"),
     "retrofit": ("megasleep.checkpoint.retrofit", "insert SSM blocks into a released model and choose the loop"),
     "study": ("megasleep.study.cli", "train one experiment at several N and seeds, tables with intervals"),
+    "data": ("megasleep.data.cli", "a folder of text -> tokenizer + shards + experiment config; verify datasets"),
 }
 
 
+def setup_console_logging(stream=None, level: int = logging.INFO) -> logging.Handler:
+    """Messages of the ``megasleep`` logger go to ``stream`` (stderr): bare on a terminal, and with a UTC
+    timestamp when the stream is not a terminal (a SLURM or CI log), where a line's time is otherwise lost.
+    Idempotent: calling it again replaces the handler it installed."""
+    import time
+
+    stream = stream if stream is not None else sys.stderr
+    logger = logging.getLogger("megasleep")
+    for h in list(logger.handlers):
+        if getattr(h, "_megasleep_console", False):
+            logger.removeHandler(h)
+    handler = logging.StreamHandler(stream)
+    handler._megasleep_console = True  # type: ignore[attr-defined]
+    isatty = getattr(stream, "isatty", lambda: False)()
+    fmt = logging.Formatter("%(message)s" if isatty else "%(asctime)s %(message)s", datefmt="%Y-%m-%dT%H:%M:%SZ")
+    fmt.converter = time.gmtime
+    handler.setFormatter(fmt)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    return handler
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, object]]:
+    from megasleep import __version__
+
     parser = argparse.ArgumentParser(prog="megasleep", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"megasleep {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     modules: dict[str, object] = {}
     wanted = next((a for a in sys.argv[1:] if not a.startswith("-")), None)
@@ -54,11 +81,13 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "_missing", None):
         print(args._missing, file=sys.stderr)
         return 2
+    setup_console_logging()
     from megasleep.config import ConfigError
+    from megasleep.data.errors import DataError
 
     try:
         return int(modules[args.command].main(args) or 0)
-    except (ConfigError, FileNotFoundError, ValueError) as exc:
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as exc:
         print(f"megasleep {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,9 +1,12 @@
 """`megasleep demo` (what `make demo` runs): the whole pipeline, small enough for a 2-core CPU.
 
 1. build Rule-110 WebDataset shards (train / val, seeded, with their sentencepiece tokenizer);
-2. train the tiny AGAG model with DeepSpeed (ZeRO-1, 2 CPU ranks over gloo) twice, on identical data:
-   once awake only (N = 1) and once sleeping (N = 2 passes over every window before eviction);
-3. evaluate both at N = 1, 2, 4 (exact match of the label and answer loss, per rollout depth t);
+2. train the tiny AGAG model with DeepSpeed (ZeRO-1, 2 CPU ranks over gloo) twice, on identical data
+   and for the same number of steps (equal tokens, so the table compares like with like): once awake
+   only (N = 1) and once sleeping (N = 2 passes over every window before eviction), with a progress
+   bar and ETA per run;
+3. evaluate both at N = 1, 2, 4 with the scorer of ``megasleep eval`` (exact match of the label, Wilson
+   95% intervals, per rollout depth t);
 4. print the accuracy table and write a plot and a summary into the output directory.
 
 Everything lands in ``runs/demo/`` (``--out``). A rerun starts the training runs afresh (the shards
@@ -13,9 +16,11 @@ are reused). ``--quick`` is a ~2-minute smoke version of the same pipeline.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -30,10 +35,11 @@ from megasleep.train.config import DEFAULT_EXPERIMENT
 # (the demo shows the pipeline, not a depth result); the CPU study of sleep vs depth trains one t:
 # configs/studies/rule110-cpu.yaml, docs/results/rule110-cpu.md.
 TASK_PARAMS = {"n_strings": 1, "width": 24}
+STEPS_FULL = 600  # per N: N=1 and N=2 took 9.2 min together on the 2-core dev VM (docs/training.md)
 DIFFICULTY = "0-3"
 CHANCE = 0.5
-FULL = dict(train_samples=40_000, val_samples=512, steps=600, batch=64, budget_minutes=5.0)
-QUICK = dict(train_samples=2_000, val_samples=96, steps=12, batch=16, budget_minutes=1.0)
+FULL = dict(train_samples=40_000, val_samples=512, steps=STEPS_FULL, batch=64, budget_minutes=None)
+QUICK = dict(train_samples=2_000, val_samples=96, steps=12, batch=16, budget_minutes=None)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -43,7 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranks", type=int, default=None, help="CPU ranks per training run (default: min(2, cores))")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (same for every N)")
     p.add_argument("--budget-minutes", type=float, default=None,
-                   help="wall-time cap per training run: it ends early, then evaluates (default: 5)")
+                   help="optional wall-time cap per training run (default: none). A capped run may end with fewer "
+                        "steps than the others; the summary then says the token counts differ")
     p.add_argument("--quick", action="store_true", help="a ~2-minute smoke run of the same pipeline")
     p.add_argument("overrides", nargs="*", default=[], help="extra experiment overrides (key=value)")
 
@@ -89,21 +96,63 @@ def train_one(n: int, data: Path, out: Path, settings: dict, eval_passes: list[i
         f"sleep.passes={n}", f"train.steps={settings['steps']}", f"train.global_batch_size={settings['batch']}",
         f"optim.warmup_steps={min(20, settings['steps'] // 4)}",
         f"train.micro_batch_size={settings['batch'] // ranks}", f"train.log_every={max(1, settings['steps'] // 50)}",
-        f"train.time_budget_minutes={settings['budget_minutes']}", "checkpoint.every=0",
+        *([f"train.time_budget_minutes={settings['budget_minutes']}"] if settings["budget_minutes"] else []),
+        "checkpoint.every=0",
         f"eval.passes=[{','.join(map(str, eval_passes))}]", f"eval.samples={settings['val_samples']}",
         f"eval.batch_size={max(1, settings['val_samples'] // (3 * ranks))}", "logging.tensorboard=true", *extra]
     # one thread per rank unless told otherwise: more threads than free cores make OpenMP spin-wait
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 2) // ranks))
     _log(f"training N={n}: {ranks} rank(s), {settings['steps']} steps of {settings['batch']} sequences "
          f"(log: {run_dir / 'train.log'})")
-    res = run_training(DEFAULT_EXPERIMENT, overrides, run_dir, ranks=ranks, threads=threads, prefix=f"  [N={n}]")
+    with _progress(run_dir / "metrics.jsonl", settings["steps"], f"train N={n}"):
+        res = run_training(DEFAULT_EXPERIMENT, overrides, run_dir, ranks=ranks, threads=threads, prefix=f"  [N={n}]",
+                           echo=False)
     return {"passes": n, **res}
 
 
-def table(results: list[dict]) -> str:
-    from megasleep.train.evaluate import format_table
+@contextlib.contextmanager
+def _progress(metrics: Path, total: int, desc: str, poll: float = 1.0):
+    """A tqdm bar (steps done, rate, ETA) following the run's ``metrics.jsonl`` while it trains."""
+    from tqdm import tqdm
 
-    return format_table({f"trained N={r['passes']}": r["eval"] for r in results}, "accuracy")
+    stop = threading.Event()
+    bar = tqdm(total=total, desc=desc, unit="step", dynamic_ncols=True)
+
+    def follow():
+        seen = 0
+        while not stop.wait(poll):
+            try:
+                lines = metrics.read_text().splitlines()
+            except OSError:
+                continue
+            steps = [json.loads(x)["step"] for x in lines if '"kind": "train"' in x]
+            if steps and steps[-1] > seen:
+                bar.update(steps[-1] - seen)
+                seen = steps[-1]
+
+    th = threading.Thread(target=follow, daemon=True)
+    th.start()
+    try:
+        yield bar
+    finally:
+        stop.set()
+        th.join(timeout=5)
+        bar.close()
+
+
+def table(results: list[dict]) -> str:
+    """Rows: trained model x rollout depth t (and all); columns: N at evaluation; accuracy [Wilson 95%]."""
+    from megasleep.study.report import cell, counts, difficulties, results_of
+
+    ns = sorted({n for r in results for n in results_of(r)})
+    lines = ["| model | t | " + " | ".join(f"N={n}" for n in ns) + " |", "|---|---|" + "---|" * len(ns)]
+    for r in results:
+        res = results_of(r)
+        diffs = sorted({d for v in res.values() for d in difficulties(v)}, key=float)
+        for d in [*diffs, None]:
+            cells = [cell(*counts(res.get(n), d)) for n in ns]
+            lines.append(f"| trained N={r['passes']} | {'all' if d is None else d} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def plot(results: list[dict], path: Path) -> None:
@@ -112,28 +161,27 @@ def plot(results: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from megasleep.study.report import finish_figure
-    from megasleep.train.evaluate import passes_of
+    from megasleep.study.report import counts, difficulties, errorbar, finish_figure, results_of
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for r in results:
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for i, r in enumerate(results):
+        color = colors[i % len(colors)]  # one colour per trained model in every panel
         steps, loss = zip(*r["curve"]) if r["curve"] else ((), ())
-        axes[0].plot(steps, loss, label=f"trained N={r['passes']}")
-        ns = sorted(r["eval"], key=passes_of)
-        axes[1].plot([passes_of(k) for k in ns], [r["eval"][k].get("accuracy", float("nan")) for k in ns],
-                     marker="o", label=f"trained N={r['passes']}")
-        own = r["eval"].get(f"N={r['passes']}", {}).get("by_difficulty", {})
-        diffs = sorted(own, key=float)
-        axes[2].plot([float(d) for d in diffs], [own[d].get("accuracy", float("nan")) for d in diffs], marker="o",
-                     label=f"trained & evaluated at N={r['passes']}")
+        axes[0].plot(steps, loss, color=color, label=f"trained N={r['passes']}")
+        res = results_of(r)
+        errorbar(axes[1], [(n, counts(res[n])) for n in sorted(res)], color, f"trained N={r['passes']}")
+        own = res.get(r["passes"])
+        errorbar(axes[2], [(float(d), counts(own, d)) for d in sorted(difficulties(own), key=float)], color,
+                 f"trained & evaluated at N={r['passes']}")
     axes[0].set(title="training loss (answer tokens)", xlabel="step", ylabel="cross-entropy (log scale)")
     axes[0].set_yscale("log")
-    axes[1].set(title="exact match vs sleep depth at evaluation", xlabel="N at evaluation", ylabel="accuracy")
-    axes[2].set(title="exact match vs rollout depth t", xlabel="Rule-110 steps t", ylabel="accuracy")
-    axes[1].set_xticks(sorted({passes_of(k) for r in results for k in r["eval"]}))
-    axes[2].set_xticks(sorted({float(d) for r in results for v in r["eval"].values() for d in v["by_difficulty"]}))
-    finish_figure(fig, axes, path, chance=CHANCE, dpi=110, title="megasleep demo: tiny AGAG model on Rule 110 "
-                  "(1 string, L=24, hard eviction), CPU, DeepSpeed ZeRO-1")
+    axes[1].set(title="exact match vs sleep depth at evaluation (95% CI)", xlabel="N at evaluation",
+                ylabel="accuracy")
+    axes[2].set(title="exact match vs rollout depth t (95% CI)", xlabel="Rule-110 steps t", ylabel="accuracy")
+    finish_figure(fig, axes, path, chance=CHANCE, dpi=110, integer_x=(0, 1, 2),
+                  title="megasleep demo: tiny AGAG model on Rule 110 (1 string, L=24, hard eviction), CPU, "
+                        "DeepSpeed ZeRO-1, equal steps per N")
 
 
 def main(args) -> int:
@@ -164,12 +212,16 @@ def main(args) -> int:
                                                                for r in results], "plot": str(png)}
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     lines = [f"# megasleep demo ({time.strftime('%Y-%m-%d %H:%M')}, {total / 60:.1f} min)", "",
-             f"Exact-match accuracy of the Rule-110 label (chance {CHANCE:g}); rows: trained model and rollout "
-             "depth t, columns: sleep depth N at evaluation.", "", tab, ""]
+             f"Exact-match accuracy of the Rule-110 label [Wilson 95% interval] (chance {CHANCE:g}); rows: "
+             "trained model and rollout depth t, columns: sleep depth N at evaluation. Every model trained "
+             f"{settings['steps']} steps of {settings['batch']} sequences.", "", tab, ""]
     for r in results:
-        lines.append(f"- trained N={r['passes']}: {r['steps']} steps in {r['seconds']:.0f}s"
+        lines.append(f"- trained N={r['passes']}: {r['steps']} steps, {r['tokens_seen']:,} tokens in {r['seconds']:.0f}s"
                      f"{' (time budget reached)' if r['ended_early'] else ''}, final train loss "
                      f"{r['final_loss']:.4f}, {r['tokens_per_s']:,.0f} tokens/s")
+    if len({r["tokens_seen"] for r in results}) > 1:
+        lines.append("- **the runs saw different token counts** (a time budget cut one short): the table does not "
+                     "compare like with like")
     lines.append(f"- plot: {png}")
     (out / "summary.md").write_text("\n".join(lines) + "\n")
     print()

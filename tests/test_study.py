@@ -12,7 +12,7 @@ import pytest
 
 from megasleep.config import ConfigError
 from megasleep.study.config import StudyConfig, check_runs, load_study, plan
-from megasleep.study.report import compare, counts, load_reference, verdict, wilson, write_report
+from megasleep.study.report import compare, counts, load_reference, results_of, verdict, wilson, write_report
 from tests.train.helpers import PY, ROOT, env
 
 BASE = dict(name="t", experiment="configs/experiments/tiny-demo.yaml", passes=[1, 2], seeds=[0, 1],
@@ -64,19 +64,30 @@ def test_bad_study_configs_name_the_file_and_the_problem(tmp_path):
         check_runs(cfg, plan(cfg), str(bad))
 
 
-def _fake(label, passes, seed, acc_by_d, n_per_d=200):
-    key = f"N={passes or 4}"
-    buckets = {d: {"accuracy": a, "samples": n_per_d, "loss": 0.5} for d, a in acc_by_d.items()}
+def _fake(label, passes, seed, acc_by_d, n_per_d=200, legacy=False):
+    """A finished run whose evaluation (at its own N) has the given accuracy per difficulty: in the
+    harness schema (a results list), or in the pre-schema ``{"N=k": {"by_difficulty": ...}}`` form."""
+    n = passes or 4
+    if legacy:
+        buckets = {d: {"accuracy": a, "samples": n_per_d, "loss": 0.5} for d, a in acc_by_d.items()}
+        ev = {f"N={n}": {"by_difficulty": buckets}}
+    else:
+        buckets = [{"difficulty": int(d), "correct": round(a * n_per_d), "n_units": n_per_d, "n_samples": n_per_d,
+                    "accuracy": round(a * n_per_d) / n_per_d} for d, a in acc_by_d.items()]
+        c, t = sum(b["correct"] for b in buckets), sum(b["n_units"] for b in buckets)
+        ev = [{"passes": n, "loss": 0.5, "buckets": buckets,
+               "overall": {"correct": c, "n_units": t, "n_samples": t, "accuracy": c / t}}]
     return {"label": label, "passes": passes, "seed": seed, "name": f"N{passes}-seed{seed}", "seconds": 60.0,
             "steps": 10, "tokens_seen": 1000, "tokens_per_s": 100.0, "final_loss": 0.5,
-            "eval": {key: {"by_difficulty": buckets}}, "curve": [(1, 0.7), (10, 0.5)]}
+            "eval": ev, "curve": [(1, 0.7), (10, 0.5)]}
 
 
 def test_verdict_is_decided_by_the_intervals(tmp_path):
     results = [_fake("N=1", 1, 0, {"3": 0.50, "6": 0.50}), _fake("N=1", 1, 1, {"3": 0.52, "6": 0.48}),
                _fake("N=2", 2, 0, {"3": 0.80, "6": 0.70}), _fake("N=2", 2, 1, {"3": 0.78, "6": 0.72}),
                _fake("N=3", 3, 0, {"3": 0.53, "6": 0.51}), _fake("N=3", 3, 1, {"3": 0.50, "6": 0.50})]
-    assert counts(results[0]["eval"]["N=1"]) == (200, 400)
+    assert counts(results_of(results[0])[1]) == (200, 400)
+    assert counts(results_of(_fake("N=1", 1, 0, {"3": 0.50, "6": 0.50}, legacy=True))[1]) == (200, 400)
     lines = verdict(results, 0.5)
     assert "N=2 at N=2" in lines[1] and "above N=1 beyond the intervals" in lines[1] and "2 of 2 seed" in lines[1]
     assert "not separable" in lines[2] and "not above chance" in lines[2]
@@ -96,6 +107,14 @@ def test_compare_checks_a_rerun_against_the_reference_intervals(tmp_path):
     table, ok = compare(ref, [same, near])
     assert ok and "| N1-seed0 | N=1 |" in table and "identical" in table and "within the interval" in table
     assert "| N3-seed0 | - | in the reference | (not rerun) |" in table and "2 of 2 (run, N) cells" in table
+    # the committed summaries of earlier studies (pre-schema) still serve as references
+    legacy_ref = [_fake("N=1", 1, 0, {"6": 0.50}, n_per_d=400, legacy=True)]
+    table, ok = compare(legacy_ref, [same])
+    assert ok and "identical" in table
+    depo_like = _fake("N=1", 1, 0, {"6": 0.50}, n_per_d=400)
+    depo_like["eval"][0]["overall"]["n_samples"] = 40  # 10 scored queries per sample: not what a legacy table counted
+    table, ok = compare(legacy_ref, [depo_like])
+    assert not ok and "not comparable" in table
     far = _fake("N=2", 2, 0, {"6": 0.76}, n_per_d=400)
     table, ok = compare(ref, [same, far])
     assert not ok and "**no**" in table and "1 of 2" in table
@@ -125,7 +144,7 @@ def test_small_study_end_to_end_and_reuse_of_finished_runs(tmp_path):
     results = json.loads((tmp_path / "results" / "summary.json").read_text())["runs"]
     assert [(r["name"], r["steps"]) for r in results] == [("N1-seed0", 3), ("N2-seed0", 3)]
     for r in results:
-        assert set(r["eval"]) == {"N=1", "N=2"} and counts(r["eval"]["N=1"])[1] == 8
+        assert set(results_of(r)) == {1, 2} and counts(results_of(r)[1])[1] == 8
         assert r["tokens_seen"] == 3 * 4 * 26  # 3 steps of 4 sequences of 24 bits + query + label
     text = (tmp_path / "results" / "results.md").read_text()
     assert "| N=2 | N=2 |" in text and "## Verdict" in text
@@ -146,8 +165,9 @@ def test_small_study_end_to_end_and_reuse_of_finished_runs(tmp_path):
     assert p.returncode == 0 and "4 of 4 (run, N) cells reproduced" in p.stdout, p.stdout[-2000:] + p.stderr
     assert "identical" in (tmp_path / "results" / "reproduction.md").read_text()
     doctored = json.loads(ref.read_text())
-    for b in doctored["runs"][0]["eval"]["N=1"]["by_difficulty"].values():
-        b["accuracy"] = 1.0 if b["accuracy"] < 0.5 else 0.0
+    for res in doctored["runs"][0]["eval"]:
+        for b in [res["overall"], *res["buckets"]]:
+            b["correct"] = b["n_units"] if b["accuracy"] < 0.5 else 0
     ref.write_text(json.dumps(doctored))
     p = subprocess.run([*cmd, "--report-only", "--compare", str(ref)], cwd=ROOT, env=env(), capture_output=True,
                        text=True, timeout=120)

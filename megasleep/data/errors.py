@@ -20,3 +20,8 @@ class BadDataError(DataError):
 
     def __init__(self, message: str):  # single-arg constructor so DataLoader workers can re-raise it
         super().__init__(message)
+
+
+class ShardMismatchError(BadDataError):
+    """A shard differs from what its manifest records (size, sha256, sample count), or the manifest's
+    totals do not add up; the message names the manifest and the shards."""

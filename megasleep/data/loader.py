@@ -36,7 +36,7 @@ samples read from the current shard, shuffle-buffer references, counters; plus w
 next. Each batch carries its worker's state; the main process keeps the state of the last batch it
 *handed out*, so prefetched batches are not counted.
 
-Bad data (issue point 5): a shard that cannot be opened or read, is empty or holds fewer samples
+Bad data: a shard that cannot be opened or read, is empty or holds fewer samples
 than its manifest says, and a sample with missing / malformed fields are skipped with a warning
 and counted. When bad shards exceed ``max_bad_fraction`` of the shards assigned so far, or (after
 ``min_samples_for_bad_check`` samples) bad samples exceed that fraction of samples read, iteration
@@ -60,7 +60,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from megasleep.data.errors import BadDataError, DataError, TokenizerMismatchError
 from megasleep.data.manifest import check_tokenizer_hash, manifest_tokenizer_hash, resolve_shards
-from megasleep.data.sample import MalformedSample, decode_sample, doc_ids_from_starts
+from megasleep.data.sample import MalformedSample, collate, decode_sample
 
 STATE_VERSION = 1
 _MAX_NAMES = 50  # bad shard names kept in the state / error message
@@ -136,6 +136,18 @@ class _Ctx:
 def _new_stats() -> dict:
     return {"assigned": 0, "opened": 0, "bad_shards": 0, "bad_shard_names": [], "samples": 0, "bad_samples": 0,
             "bad_examples": []}
+
+
+def _sum_stats(parts: list[dict]) -> dict:
+    tot = _new_stats()
+    for s in parts:
+        for k in ("assigned", "opened", "bad_shards", "samples", "bad_samples"):
+            tot[k] += s[k]
+        for n in s["bad_shard_names"]:
+            _note(tot, "bad_shard_names", n)
+        for n in s["bad_examples"]:
+            _note(tot, "bad_examples", n)
+    return tot
 
 
 def _note(stats: dict, key: str, name: str):
@@ -331,8 +343,9 @@ class _WorkerStream:
             s["meta"].update(_key=raw["__key__"], _url=raw.get("__url__"), _epoch=epoch, _dataset=src.name)
             yield s
 
-    def batches(self) -> Iterator[tuple[dict, dict]]:
-        """Yield (numpy batch, state after it)."""
+    def batches(self) -> Iterator[tuple[dict | None, dict]]:
+        """Yield (numpy batch, state after it); at the end of a finite stream without a trailing batch,
+        (None, final state): shards read after the last batch still reach the bad-data check."""
         if self.finished:
             return
         cfg = self.ctx.cfg
@@ -344,8 +357,7 @@ class _WorkerStream:
                 yield self._collate(batch), self.state()
                 batch = []
         self.finished = True
-        if batch and not cfg.drop_last:
-            yield self._collate(batch), self.state()
+        yield (self._collate(batch) if batch and not cfg.drop_last else None), self.state()
 
     def _packed_rows(self) -> Iterator[dict]:
         """Fill rows of exactly seq_len tokens; a sample that does not fit continues in the next row
@@ -394,20 +406,7 @@ class _WorkerStream:
         return {"input_ids": ids, "loss_mask": mask, "doc_starts": starts, "meta": meta}
 
     def _collate(self, batch: list[dict]) -> dict:
-        cfg = self.ctx.cfg
-        T = cfg.seq_len or max(s["input_ids"].size for s in batch)
-        B = len(batch)
-        ids = np.full((B, T), self.ctx.pad_id, dtype=np.int64)
-        mask = np.zeros((B, T), dtype=np.bool_)
-        doc = np.zeros((B, T), dtype=np.int64)
-        for b, s in enumerate(batch):
-            n = s["input_ids"].size
-            ids[b, :n] = s["input_ids"]
-            mask[b, :n] = s["loss_mask"].astype(np.bool_)
-            d = doc_ids_from_starts(s["doc_starts"], n)
-            doc[b, :n] = d
-            doc[b, n:] = d[-1] + 1  # padding is a document of its own
-        return {"input_ids": ids, "loss_mask": mask, "doc_ids": doc, "meta": [s["meta"] for s in batch]}
+        return collate(batch, self.ctx.pad_id, self.ctx.cfg.seq_len)
 
 
 def _to_torch(batch: dict) -> dict:
@@ -435,7 +434,7 @@ class _LoaderDataset:
         logical = (torch_id + self.offset) % self.ctx.n_logical
         stream = _WorkerStream(self.ctx, logical, self.worker_states[logical])
         for batch, state in stream.batches():
-            out = _to_torch(batch)
+            out = _to_torch(batch) if batch is not None else {}
             out["_state"] = {"worker": logical, "state": state}
             yield out
 
@@ -484,6 +483,7 @@ class ResumableLoader:
         self.pad_id, self.vocab_size, self.manifests = pad_id, vocab_size, manifests
         self.n_logical = max(1, cfg.num_workers)
         self._state = self._fresh(0)
+        self._finished_stats: list[dict] = []  # counters of finite runs this loader completed
 
     # -- state
     def _fingerprint(self) -> str:
@@ -514,17 +514,8 @@ class ResumableLoader:
         self._state = copy.deepcopy(state)
 
     def stats(self) -> dict:
-        tot = _new_stats()
-        for w in self._state["workers"]:
-            if w is None:
-                continue
-            for k in ("assigned", "opened", "bad_shards", "samples", "bad_samples"):
-                tot[k] += w["stats"][k]
-            for n in w["stats"]["bad_shard_names"]:
-                _note(tot, "bad_shard_names", n)
-            for n in w["stats"]["bad_examples"]:
-                _note(tot, "bad_examples", n)
-        return tot
+        """Bad-data counters of this rank: the finite runs completed so far plus the current one."""
+        return _sum_stats([*self._finished_stats, *(w["stats"] for w in self._state["workers"] if w is not None)])
 
     def _check_bad(self):
         f = self.cfg.max_bad_fraction
@@ -559,12 +550,15 @@ class ResumableLoader:
                 info = item.pop("_state")
                 st["workers"][info["worker"]] = info["state"]
                 st["next_worker"] = (info["worker"] + 1) % self.n_logical
-                st["batches"] += 1
                 self._check_bad()
+                if not item:  # a worker's final state, no batch
+                    continue
+                st["batches"] += 1
                 yield item
         finally:
             del it, dl
-        # a finite run ended: the next iteration starts the following epochs
+        # a finite run ended: the next iteration starts the following epochs; its counters stay in stats()
+        self._finished_stats.append(_sum_stats([w["stats"] for w in st["workers"] if w is not None]))
         self._state = self._fresh(st["start_epoch"] + (self.cfg.epochs or 0))
 
 
@@ -580,7 +574,7 @@ def build_loader(cfg: LoaderConfig | dict, rank: int = 0, world_size: int = 1) -
     sources, manifests = [], []
     hashes: dict[str, str] = {}
     for ds in cfg.datasets:
-        urls, manifest = resolve_shards(ds.path)
+        urls, manifest = resolve_shards(ds.path, max_bad_fraction=cfg.max_bad_fraction)  # damaged shards: its budget
         name = ds.name or (manifest.get("_dir") if manifest else str(ds.path))
         if manifest is not None:
             check_tokenizer_hash(manifest, cfg.tokenizer_hash)

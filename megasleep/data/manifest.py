@@ -6,11 +6,21 @@ A manifest records what produced a dataset and what it holds::
      "task": "rule110", "generator": "megasleep.data.tasks.rule110", "generator_version": "1",
      "params": {...}, "seed": 0, "split": "train",
      "tokenizer": {"path", "hash", "vocab_size", "pad_id", "eos_id", "bos_id"},
-     "num_samples": N, "num_tokens": N, "num_target_tokens": N,
-     "shards": [{"name": "shard-000000.tar", "samples": n, "tokens": n, "bytes": n, "sha256": "..."}]}
+     "num_samples": N, "num_tokens": N, "num_target_tokens": N, "num_samples_without_targets": N,
+     "shards": [{"name": "shard-000000.tar", "samples": n, "tokens": n, "targets": n, "no_target": n,
+                 "bytes": n, "sha256": "..."}]}
 
 Everything that must fail *before* training starts lives here: :func:`resolve_shards` (missing
-shard, empty glob) and :func:`check_tokenizer_hash` (the trainer calls it with the model's hash).
+shard, empty glob, a shard whose size differs from the manifest's, shards in the directory that the
+manifest does not list, totals that do not add up, and on request every shard's sha256) and
+:func:`check_tokenizer_hash` (the trainer calls it with the model's hash).
+
+sha256 checks: ``verify=True`` always; ``verify="once"`` once per shard set: a stamp named by a hash
+of the manifest's bytes and every shard's (name, size, mtime, inode) is written under
+``$XDG_CACHE_HOME/megasleep/verified/`` (``~/.cache/...``) after a clean check, so a copied,
+rebuilt, renamed or swapped shard is checked again. ``MEGASLEEP_VERIFY_SHARDS=1`` makes every
+:func:`resolve_shards` call verify; :func:`verify_dataset` (``megasleep data verify``) can also read
+every sample and compare the counts.
 """
 
 from __future__ import annotations
@@ -20,18 +30,22 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from megasleep.data.errors import MissingShardError, TokenizerMismatchError
+from megasleep.data.errors import MissingShardError, ShardMismatchError, TokenizerMismatchError
 
 MANIFEST = "manifest.json"
 FORMAT = "megasleep-shards"
 FORMAT_VERSION = 1
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # "pipe:", "http://", "s3://", "hf://", ...
+_SHARD_GLOBS = ("shard-*.tar", "shard-*.tar.gz")
+Verify = bool | Literal["once"]
 
 
 def sha256_file(path: str | os.PathLike) -> str:
+    """sha256 of a file's bytes, read in 1 MiB pieces (the one hash helper of the data stack)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -40,6 +54,7 @@ def sha256_file(path: str | os.PathLike) -> str:
 
 
 def shard_record(path: str | os.PathLike, samples: int, tokens: int, **extra: Any) -> dict:
+    """A manifest's entry for one written shard (extra: ``targets``, ``no_target`` counts, ...)."""
     p = Path(path)
     return {"name": p.name, "samples": int(samples), "tokens": int(tokens), "bytes": p.stat().st_size,
             "sha256": sha256_file(p), **extra}
@@ -106,20 +121,24 @@ def is_url(s: str) -> bool:
     return bool(_URL_RE.match(s)) and not s.startswith("file:") and not (len(s) > 1 and s[1] == ":" and s[0].isalpha())
 
 
-def resolve_shards(spec: str | os.PathLike | list) -> tuple[list[str], dict | None]:
+def resolve_shards(spec: str | os.PathLike | list, verify: Verify | None = None,
+                   max_bad_fraction: float = 0.0) -> tuple[list[str], dict | None]:
     """Turn a dataset spec into (list of shard urls/paths, manifest or None). Fails early.
 
     ``spec``: a directory holding ``manifest.json``; a ``manifest.json`` path; a local glob
     (``data/*.tar``); a brace pattern (``data/shard-{000000..000009}.tar``); a URL understood by
     webdataset (``pipe:...``, ``http(s)://...``, ``hf://...``; ``::`` separates several); or a list
     of any of these. Local shards must exist (:class:`MissingShardError` names the path); remote
-    ones are checked when read.
+    ones are checked when read. A dataset with a manifest is checked by :func:`check_manifest`
+    (``verify``: sha256 too — True, "once", or None: only if ``MEGASLEEP_VERIFY_SHARDS`` is set;
+    up to ``max_bad_fraction`` of the shards may differ, with a warning naming them: the loader
+    passes its own budget for damaged shards).
     """
     if isinstance(spec, (list, tuple)):
         urls: list[str] = []
         manifest = None
         for item in spec:
-            u, m = resolve_shards(item)
+            u, m = resolve_shards(item, verify, max_bad_fraction)
             urls.extend(u)
             manifest = manifest or m
         if not urls:
@@ -138,6 +157,7 @@ def resolve_shards(spec: str | os.PathLike | list) -> tuple[list[str], dict | No
             urls.append(str(sp))
         if not urls:
             raise MissingShardError(f"{m['_path']} lists no shard")
+        check_manifest(m, verify=verify, max_bad_fraction=max_bad_fraction)
         return urls, m
     import braceexpand
 
@@ -163,4 +183,152 @@ def resolve_shards(spec: str | os.PathLike | list) -> tuple[list[str], dict | No
     parents = {str(Path(u).parent) for u in urls if not is_url(u)}
     if len(parents) == 1 and (Path(next(iter(parents))) / MANIFEST).exists():
         manifest = read_manifest(next(iter(parents)))
+        check_manifest(manifest, verify=verify, max_bad_fraction=max_bad_fraction, names={Path(u).name for u in urls})
     return urls, manifest
+
+
+# ------------------------------------------------------------------------------------------------
+# checking a dataset against its manifest
+
+
+def _totals_problems(m: dict) -> list[str]:
+    """The manifest's totals against the sum of its shard entries."""
+    out = []
+    for total, key in (("num_samples", "samples"), ("num_tokens", "tokens"), ("num_target_tokens", "targets")):
+        if total in m and all(key in sh for sh in m["shards"]):
+            summed = sum(int(sh[key]) for sh in m["shards"])
+            if int(m[total]) != summed:
+                out.append(f"{total}={m[total]} but its shards hold {summed}")
+    return out
+
+
+def _unlisted_shards(m: dict) -> list[str]:
+    listed = {sh["name"] for sh in m["shards"]}
+    base = Path(m["_dir"])
+    return sorted(q.name for g in _SHARD_GLOBS for q in base.glob(g) if q.name not in listed)
+
+
+def _stamp_path(m: dict) -> Path:
+    """Where a clean sha256 check of exactly this manifest + these shard files is remembered."""
+    h = hashlib.sha256(Path(m["_path"]).read_bytes())
+    base = Path(m["_dir"])
+    for sh in m["shards"]:
+        st = (base / sh["name"]).stat()
+        h.update(f"{sh['name']}:{st.st_size}:{st.st_mtime_ns}:{st.st_ino}:{st.st_dev}".encode())
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "megasleep" / "verified"
+    return cache / f"{h.hexdigest()}.json"
+
+
+def _mark_verified(stamp: Path, m: dict) -> None:
+    try:
+        stamp.parent.mkdir(parents=True, exist_ok=True)
+        tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"manifest": m["_path"], "shards": len(m["shards"])}) + "\n")
+        os.replace(tmp, stamp)
+    except OSError as exc:  # a read-only home: the check is simply repeated next time
+        warnings.warn(f"could not remember the sha256 check of {m['_path']} ({exc}); it will run again",
+                      stacklevel=3)
+
+
+def check_manifest(m: dict, verify: Verify | None = None, max_bad_fraction: float = 0.0,
+                   names: set[str] | None = None) -> list[str]:
+    """Check a dataset directory against its manifest ``m`` (from :func:`read_manifest`).
+
+    Always: totals equal the sums of the shard entries, no shard file in the directory is missing
+    from the manifest (an under-counting manifest), every shard's size is the recorded ``bytes``.
+    With ``verify`` (True, or "once" for a shard set not checked before): every shard's sha256.
+    ``names`` limits the per-shard checks to those shards (a glob over part of the directory).
+    Raises :class:`ShardMismatchError` naming the manifest and the shards when the totals are wrong,
+    shards are unlisted, or more than ``max_bad_fraction`` of the shards differ; fewer differing
+    shards get a warning. Warns when the manifest counts samples with no training target.
+    Returns the names of the differing shards.
+    """
+    where = m.get("_path", "<manifest>")
+    problems = _totals_problems(m)
+    unlisted = _unlisted_shards(m) if names is None else []
+    if unlisted:
+        problems.append(f"the directory holds {len(unlisted)} shard(s) it does not list ({', '.join(unlisted[:5])})")
+    if problems:
+        raise ShardMismatchError(f"{where}: {'; '.join(problems)}: the manifest does not describe the shards; "
+                                 "rebuild the dataset")
+    if verify is None:
+        verify = os.environ.get("MEGASLEEP_VERIFY_SHARDS", "") not in ("", "0")
+    shards = [sh for sh in m["shards"] if names is None or sh["name"] in names]
+    base = Path(m["_dir"])
+    bad: dict[str, str] = {}
+    for sh in shards:
+        size = (base / sh["name"]).stat().st_size
+        if "bytes" in sh and size != int(sh["bytes"]):
+            bad[sh["name"]] = f"{size} bytes, manifest says {sh['bytes']}"
+    stamp = _stamp_path(m) if verify else None  # a clean explicit check counts as the "once" too
+    hashing = verify is True or (stamp is not None and not stamp.exists())
+    if hashing:
+        for sh in shards:
+            if sh["name"] not in bad and "sha256" in sh and sha256_file(base / sh["name"]) != sh["sha256"]:
+                bad[sh["name"]] = "sha256 differs from the manifest's (replaced by another shard?)"
+    if bad:
+        listing = "; ".join(f"{n}: {why}" for n, why in sorted(bad.items()))
+        msg = f"{where}: {len(bad)} of {len(shards)} shards differ from the manifest ({listing})"
+        if len(bad) > max_bad_fraction * len(shards):
+            raise ShardMismatchError(f"{msg}; rebuild or re-copy them (`megasleep data verify {m['_dir']}` "
+                                     "checks a dataset)")
+        warnings.warn(f"{msg}; they will be read as damaged shards", stacklevel=3)
+    elif stamp is not None and hashing:
+        _mark_verified(stamp, m)
+    no_target = m.get("num_samples_without_targets")
+    if no_target:
+        warnings.warn(f"{where}: {no_target} of {m.get('num_samples')} samples have no training target "
+                      "(loss_mask all 0): they cost compute and teach nothing", stacklevel=3)
+    return sorted(bad)
+
+
+def shard_counts(path: str | os.PathLike) -> dict[str, int]:
+    """Read a shard back: samples, tokens, target tokens, and samples without any target."""
+    import io
+    import tarfile
+
+    import numpy as np
+
+    counts = {"samples": 0, "tokens": 0, "targets": 0, "no_target": 0}
+    keys: set[str] = set()
+    try:
+        with tarfile.open(path, "r:*") as tf:
+            for member in tf:
+                key, _, field = member.name.rpartition("/")[2].partition(".")
+                if field not in ("input_ids.npy", "loss_mask.npy"):
+                    continue
+                keys.add(key)
+                a = np.lib.format.read_array(io.BytesIO(tf.extractfile(member).read()), allow_pickle=False)
+                if field == "input_ids.npy":
+                    counts["tokens"] += int(a.size)
+                else:
+                    n = int(a.astype(bool).sum())
+                    counts["targets"] += n
+                    counts["no_target"] += n == 0
+    except (tarfile.TarError, ValueError, OSError, EOFError) as exc:
+        raise ShardMismatchError(f"{path}: unreadable shard ({type(exc).__name__}: {exc})") from None
+    counts["samples"] = len(keys)
+    return counts
+
+
+def verify_dataset(path: str | os.PathLike, read_samples: bool = False) -> str:
+    """Full check of one dataset (``megasleep data verify``): :func:`check_manifest` with sha256, and with
+    ``read_samples`` every sample read back: per-shard sample / token / target counts against the
+    manifest, and samples without a training target counted. Raises :class:`ShardMismatchError`;
+    returns a one-line summary."""
+    m = read_manifest(path)
+    check_manifest(m, verify=True)
+    summary = f"{m['_path']}: {len(m['shards'])} shards, {m.get('num_samples')} samples: sizes and sha256 match"
+    if not read_samples:
+        return summary
+    base = Path(m["_dir"])
+    wrong, no_target = [], 0
+    for sh in m["shards"]:
+        got = shard_counts(base / sh["name"])
+        no_target += got["no_target"]
+        for key in ("samples", "tokens", "targets"):
+            if key in sh and got[key] != int(sh[key]):
+                wrong.append(f"{sh['name']}: {got[key]} {key}, manifest says {sh[key]}")
+    if wrong:
+        raise ShardMismatchError(f"{m['_path']}: the shards do not hold what the manifest counts ({'; '.join(wrong)})")
+    return f"{summary}; samples read back: counts match, {no_target} without a training target"

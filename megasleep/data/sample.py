@@ -158,3 +158,30 @@ def doc_ids_from_starts(starts: np.ndarray, length: int) -> np.ndarray:
     marks = np.zeros(length, dtype=np.int64)
     marks[np.asarray(starts[1:], dtype=np.int64)] = 1
     return np.cumsum(marks)
+
+
+def collate(samples, pad_id: int = 0, seq_len: int | None = None) -> dict:
+    """The one collator: in-memory samples -> a right-padded numpy batch
+    ``{"input_ids" [B,T] int64, "loss_mask" [B,T] bool, "doc_ids" [B,T] int64, "meta" [dict]}``.
+
+    ``T`` is ``seq_len`` when given (every sample must fit), else the longest sample. The rule for
+    padding: it is a document of its own (doc id one past the sample's last document), so no real
+    token ever shares a document with a pad, and the pads carry no targets. Right padding never
+    changes a row's real tokens: the model is causal and windows are aligned at position 0."""
+    if not samples:
+        raise ValueError("collate: no samples")
+    lens = [int(np.asarray(s["input_ids"]).shape[0]) for s in samples]
+    T = seq_len if seq_len is not None else max(lens)
+    if max(lens) > T:
+        raise ValueError(f"collate: a sample has {max(lens)} tokens > seq_len={T}")
+    B = len(samples)
+    ids = np.full((B, T), pad_id, dtype=np.int64)
+    mask = np.zeros((B, T), dtype=np.bool_)
+    docs = np.zeros((B, T), dtype=np.int64)
+    for b, (s, n) in enumerate(zip(samples, lens)):
+        ids[b, :n] = s["input_ids"]
+        mask[b, :n] = np.asarray(s["loss_mask"]).astype(np.bool_)
+        d = doc_ids_from_starts(np.asarray(s.get("doc_starts", [0])), n)
+        docs[b, :n] = d
+        docs[b, n:] = d[-1] + 1
+    return {"input_ids": ids, "loss_mask": mask, "doc_ids": docs, "meta": [s["meta"] for s in samples]}

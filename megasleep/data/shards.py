@@ -19,7 +19,7 @@ import hashlib
 import os
 import sys
 import warnings
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -36,7 +36,6 @@ GZ_PATTERN = "shard-%06d.tar.gz"
 TAR_KW = dict(mtime=0, user="megasleep", group="megasleep", mode=0o444, encoder=False)
 
 
-
 def _tokenizer_and_totals(tok, shard_records: list[dict]) -> dict:
     """Manifest fields every dataset kind shares: the tokenizer's identity and the summed counts."""
     return {
@@ -44,7 +43,9 @@ def _tokenizer_and_totals(tok, shard_records: list[dict]) -> dict:
         "num_samples": sum(r["samples"] for r in shard_records),
         "num_tokens": sum(r["tokens"] for r in shard_records),
         "num_target_tokens": sum(r["targets"] for r in shard_records),
+        "num_samples_without_targets": sum(r["no_target"] for r in shard_records),
     }
+
 
 def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
@@ -102,7 +103,7 @@ def _write_task_shard(job: dict) -> dict:
     task = get_task(job["task"])
     path = Path(job["path"])
     tmp = path.with_name(path.name + ".tmp")
-    tokens = targets = 0
+    tokens = targets = no_target = 0
     digests = []
     diff_counts: dict[int, int] = {}
     gz = _GzipFile(str(tmp)) if job.get("compress") else None
@@ -111,7 +112,9 @@ def _write_task_shard(job: dict) -> dict:
             s = task.sample(job["seed"], job["split"], i, job["difficulties"], tok, **job["params"])
             w.write(encode_sample(s, f"{job['split']}-{i:09d}"))
             tokens += int(s["input_ids"].size)
-            targets += int(s["loss_mask"].sum())
+            n_targets = int(s["loss_mask"].sum())
+            targets += n_targets
+            no_target += n_targets == 0
             d = int(s["meta"]["difficulty"])
             diff_counts[d] = diff_counts.get(d, 0) + 1
             if job["digests"]:
@@ -119,7 +122,7 @@ def _write_task_shard(job: dict) -> dict:
     if gz is not None:
         gz.close()
     os.replace(tmp, path)
-    rec = shard_record(path, job["end"] - job["start"], tokens, targets=targets)
+    rec = shard_record(path, job["end"] - job["start"], tokens, targets=targets, no_target=no_target)
     return {"record": rec, "digests": digests, "difficulties": diff_counts}
 
 
@@ -301,7 +304,7 @@ class _Writer:
 
         self.out = out
         self.records: list[dict] = []
-        self._count = self._tokens = self._targets = 0
+        self._count = self._tokens = self._targets = self._no_target = 0
         self._gz: dict[str, _GzipFile] = {}
 
         def opener(fname: str):
@@ -320,16 +323,19 @@ class _Writer:
 
     def _finish(self, fname: str):
         if self._count:
-            self.records.append(shard_record(fname, self._count, self._tokens, targets=self._targets))
+            self.records.append(shard_record(fname, self._count, self._tokens, targets=self._targets,
+                                             no_target=self._no_target))
         else:
             Path(fname).unlink(missing_ok=True)
-        self._count = self._tokens = self._targets = 0
+        self._count = self._tokens = self._targets = self._no_target = 0
 
     def write(self, sample: dict, key: str):
         self.sw.write(encode_sample(sample, key))  # may close the previous shard (post) first
         self._count += 1
         self._tokens += int(sample["input_ids"].size)
-        self._targets += int(sample["loss_mask"].sum())
+        n_targets = int(sample["loss_mask"].sum())
+        self._targets += n_targets
+        self._no_target += n_targets == 0
 
     def close(self) -> list[dict]:
         self.sw.close()
@@ -362,6 +368,8 @@ def build_text_dataset(
     progress: bool = True,
     name: str = "text",
     compress: bool = False,
+    select: Callable[[int], bool] | None = None,
+    stats: dict | None = None,
 ) -> dict:
     """Tokenize a corpus into shards of sequences of ``seq_len`` tokens (+ manifest.json).
 
@@ -370,9 +378,12 @@ def build_text_dataset(
     ``doc_starts`` records where each document starts, position 0 always counts as a start).
     ``mode="cut"``: each document is cut into pieces of at most ``seq_len`` tokens, one document per
     sample. Pieces shorter than ``min_tokens`` are dropped. Loss on every token except position 0 and
-    each document's first token.
+    each document's first token. ``inputs``: files, globs, directories or a
+    :class:`~megasleep.data.corpus.CorpusScan`. ``select(k)`` (optional) keeps the ``k``-th document
+    of the corpus (0-based), e.g. to split train / validation. ``stats`` receives what was read
+    (:func:`megasleep.data.corpus.corpus_report` prints it).
     """
-    from megasleep.data.corpus import expand_paths, iter_documents
+    from megasleep.data.corpus import iter_documents, scan_corpus
 
     if mode not in ("pack", "cut"):
         raise ValueError(f"mode must be 'pack' or 'cut', got {mode!r}")
@@ -381,17 +392,23 @@ def build_text_dataset(
     tok = load_tokenizer(tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    scan = scan_corpus(inputs)
     _clean(out)
-    files = expand_paths(inputs)
-    stats: dict = {}
-    docs_iter = iter_documents(files, text_field=text_field, txt_mode=txt_mode, stats=stats)
+    stats = stats if stats is not None else {}
+    docs_iter = iter_documents(scan, text_field=text_field, txt_mode=txt_mode, stats=stats)
+    if select is not None:
+        docs_iter = (d for k, d in enumerate(docs_iter) if select(k))
     if max_docs is not None:
         from itertools import islice
 
         docs_iter = islice(docs_iter, max_docs)
 
+    kept = {"documents": 0, "bytes": 0}  # what reaches the shards (``stats`` counts all that was read)
+
     def doc_chunks():
         for chunk in _chunks(docs_iter, 256):
+            kept["documents"] += len(chunk)
+            kept["bytes"] += sum(len(d.text.encode("utf-8")) for d in chunk)
             yield [d.text for d in chunk], [[Path(d.source).name, d.index] for d in chunk]
 
     writer = _Writer(out, shard_size, compress)
@@ -446,7 +463,8 @@ def build_text_dataset(
         records = writer.close()
         bar.close()
     if not records:
-        raise DataError(f"{inputs}: no sequence produced ({stats.get('documents', 0)} documents read)")
+        raise DataError(f"{', '.join(scan.paths[:3])}{' ...' if len(scan.paths) > 3 else ''}: no sequence produced "
+                        f"({kept['documents']} documents kept)")
     if stats.get("skipped"):
         warnings.warn(f"{stats['skipped']} records without a string {text_field!r} field were skipped", stacklevel=2)
     manifest = {
@@ -458,8 +476,9 @@ def build_text_dataset(
                    "min_tokens": min_tokens, "max_docs": max_docs, "compress": compress},
         "seed": None,
         "split": name,
-        "sources": [{"path": f, "bytes": Path(f).stat().st_size} for f in files],
-        "documents": stats.get("documents", 0),
+        "sources": [{"path": f, "bytes": Path(f).stat().st_size} for f in scan.paths],
+        "documents": kept["documents"],
+        "document_bytes": kept["bytes"],
         "skipped_documents": stats.get("skipped", 0),
         **_tokenizer_and_totals(tok, records),
         "shards": records,

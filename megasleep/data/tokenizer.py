@@ -2,7 +2,9 @@
 
 * :func:`train_tokenizer` trains a BPE or unigram model (byte fallback, digits split, user-defined
   symbols, fixed special ids) on any corpus (files read by :mod:`megasleep.data.corpus`, or an
-  iterable of strings) and writes ``<out>.model``.
+  iterable of strings) and writes ``<out>.model``. By default the model keeps text intact
+  (:data:`KEEP_WHITESPACE_OPTIONS`): newlines, indentation and runs of spaces survive
+  ``decode(encode(text))`` exactly, so source code and formatted maths can be represented.
 * :func:`load_tokenizer` returns a :class:`Tokenizer`, whose :attr:`Tokenizer.hash` (sha256 of the
   ``.model`` bytes) is the tokenizer's identity: it is recorded in every dataset manifest and every
   checkpoint, and :func:`megasleep.data.manifest.check_tokenizer_hash` compares them.
@@ -23,13 +25,17 @@ from pathlib import Path
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 SPECIAL_PIECES = ("<unk>", "<s>", "</s>", "<pad>")
 
-
-def file_sha256(path: str | os.PathLike) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+# sentencepiece's defaults normalise text (NFKC, which also maps "\n" and "\t" to spaces), collapse
+# runs of spaces and add a leading space to every input. These options turn all of that off, so that
+# every character is kept; whitespace-only pieces ("▁▁▁▁" for an indent) may be learnt.
+# A newline needs no user-defined symbol: with identity normalisation it is an ordinary character
+# (learnt into pieces such as "():\n"), and byte fallback covers it in any case.
+KEEP_WHITESPACE_OPTIONS = {
+    "normalization_rule_name": "identity",
+    "remove_extra_whitespaces": False,
+    "add_dummy_prefix": False,
+    "allow_whitespace_only_pieces": True,
+}
 
 
 class Tokenizer:
@@ -143,28 +149,52 @@ def _write_model(model_bytes: bytes, out: str | os.PathLike) -> Tokenizer:
     return Tokenizer(model_bytes, str(path))
 
 
-def _iter_texts(corpus, texts, text_field: str, max_chars: int | None) -> Iterator[str]:
+def _line_blocks(text: str, max_bytes: int) -> Iterator[str]:
+    """``text`` cut at line ends into blocks of at most ``max_bytes`` UTF-8 bytes, every character kept
+    (sentencepiece skips longer "sentences"; a single longer line is cut inside)."""
+    block: list[str] = []
+    size = 0
+    for line in text.splitlines(keepends=True):
+        n = len(line.encode("utf-8"))
+        if size + n > max_bytes and block:
+            yield "".join(block)
+            block, size = [], 0
+        while n > max_bytes:  # one very long line (minified code, a table): cut by characters
+            cut = max_bytes // 4  # a character is at most 4 bytes
+            yield line[:cut]
+            line = line[cut:]
+            n = len(line.encode("utf-8"))
+        block.append(line)
+        size += n
+    if block:
+        yield "".join(block)
+
+
+def _iter_texts(corpus, texts, text_field: str, max_chars: int | None, keep_whitespace: bool,
+                max_sentence_length: int, stats: dict | None) -> Iterator[str]:
     if (corpus is None) == (texts is None):
         raise ValueError("give exactly one of corpus= (paths / globs) or texts= (an iterable of strings)")
     if corpus is not None:
         from megasleep.data.corpus import iter_documents
 
-        docs = (d.text for d in iter_documents(corpus, text_field=text_field))
+        docs = (d.text for d in iter_documents(corpus, text_field=text_field, stats=stats))
     else:
         docs = iter(texts)
     total = 0
     for text in docs:
         if not text:
             continue
-        # sentencepiece trains on "sentences": feed non-empty lines
-        for line in text.split("\n"):
-            line = line.strip()
-            if not line:
-                continue
+        if keep_whitespace:
+            # whole blocks of lines, whitespace and newlines included: what the model must learn to write
+            pieces = (b for b in _line_blocks(text, max_sentence_length) if b.strip())
+        else:
+            # the compact form of task tokenizers: non-empty stripped lines
+            pieces = (ln.strip() for ln in text.split("\n") if ln.strip())
+        for piece in pieces:
             if max_chars is not None and total >= max_chars:
                 return
-            total += len(line)
-            yield line
+            total += len(piece)
+            yield piece
 
 
 def train_tokenizer(
@@ -174,6 +204,7 @@ def train_tokenizer(
     texts: Iterable[str] | None = None,
     vocab_size: int = 8000,
     model_type: str = "bpe",
+    keep_whitespace: bool = True,
     byte_fallback: bool = True,
     split_digits: bool = True,
     user_defined_symbols: Sequence[str] = (),
@@ -184,21 +215,31 @@ def train_tokenizer(
     num_threads: int | None = None,
     hard_vocab_limit: bool = True,
     extra: dict | None = None,
+    stats: dict | None = None,
 ) -> Tokenizer:
     """Train a sentencepiece model and write ``out`` (``.model`` is appended when missing).
 
     Text comes from ``corpus`` (a path / glob / directory / list of them: jsonl, json, txt, parquet;
     see :func:`megasleep.data.corpus.iter_documents`, ``text_field`` picks the field) or from
     ``texts`` (an iterable of strings). ``max_chars`` caps how much text is read (sentencepiece samples anyway).
+    ``keep_whitespace`` (default): text round-trips exactly (:data:`KEEP_WHITESPACE_OPTIONS`; documents
+    are fed as blocks of whole lines); ``False`` gives sentencepiece's normalising defaults, trained on
+    stripped lines (task tokenizers, whose text is one line of symbols). ``stats`` (a dict) receives
+    what was read (see :func:`megasleep.data.corpus.iter_documents`; ``corpus_report`` prints it).
     Special ids are fixed: unk=0, bos=1, eos=2, pad=3. Returns the loaded tokenizer.
     """
     import sentencepiece as spm
 
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"model_type must be 'bpe' or 'unigram', got {model_type!r}")
+    if corpus is not None:  # fail on a missing input here, not from inside sentencepiece's reader
+        from megasleep.data.corpus import scan_corpus
+
+        corpus = scan_corpus(corpus)
     model = io.BytesIO()
     kwargs = dict(
-        sentence_iterator=_iter_texts(corpus, texts, text_field, max_chars),
+        sentence_iterator=_iter_texts(corpus, texts, text_field, max_chars, keep_whitespace, max_sentence_length,
+                                      stats),
         model_writer=model,
         vocab_size=int(vocab_size),
         model_type=model_type,
@@ -215,14 +256,21 @@ def train_tokenizer(
         hard_vocab_limit=hard_vocab_limit,
         minloglevel=2,
     )
+    if keep_whitespace:
+        kwargs.update(KEEP_WHITESPACE_OPTIONS)
     kwargs.update(extra or {})
     try:
         spm.SentencePieceTrainer.train(**kwargs)
     except RuntimeError as exc:
-        if "Vocabulary size too high" in str(exc):
-            raise ValueError(f"{exc} -- the corpus is too small / uniform for vocab_size={vocab_size}: lower it, "
+        msg = str(exc).strip().splitlines()[-1]
+        if "Vocabulary size too high" in msg:
+            raise ValueError(f"{msg} -- the corpus is too small / uniform for vocab_size={vocab_size}: lower it, "
                              "or pass hard_vocab_limit=False to accept a smaller vocabulary") from None
-        raise
+        if "smaller than required_chars" in msg:
+            need = msg.split(" vs ")[-1].split(".")[0]
+            raise ValueError(f"vocab_size={vocab_size} is too small for this corpus: it needs at least {need} pieces "
+                             "(its characters, 4 specials and, with byte fallback, 256 byte pieces)") from None
+        raise ValueError(f"sentencepiece could not train a tokenizer: {msg}") from None
     return _write_model(model.getvalue(), out)
 
 
@@ -243,6 +291,7 @@ def train_symbol_tokenizer(symbols: Sequence[str], out: str | os.PathLike, corpu
         texts=lines,
         vocab_size=len(SPECIAL_PIECES) + len(symbols) + 1,
         model_type="bpe",
+        keep_whitespace=False,
         byte_fallback=False,
         split_digits=True,
         user_defined_symbols=symbols,

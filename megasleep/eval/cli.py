@@ -68,6 +68,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tokenizer", default=None, help="tokenizer .model (default: the checkpoint's)")
     p.add_argument("--allow-tokenizer-mismatch", action="store_true",
                    help="evaluate even if the data's tokenizer hash differs from the checkpoint's")
+    p.add_argument("--chance", type=float, default=None,
+                   help="accuracy of guessing, drawn in the plots (default: the task's, where it fixes one)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
@@ -94,6 +96,7 @@ def run(args) -> Path:
     from megasleep.eval import data as D
     from megasleep.eval.harness import EvalSettings, evaluate
     from megasleep.eval.report import write_results
+    from megasleep.eval.scoring import chance_level
 
     if not args.checkpoint:
         raise ValueError("--checkpoint is required (an exported model directory)")
@@ -178,6 +181,7 @@ def run(args) -> Path:
                      "adaptive_tol": settings.adaptive_tol, "batch_size": settings.batch_size,
                      "bootstrap": settings.bootstrap, "seed": settings.seed, "scoring": settings.scoring,
                      "max_new_tokens": settings.max_new_tokens, "max_examples": args.max_examples,
+                     "chance": args.chance if args.chance is not None else chance_level(data.task, data.samples),
                      "device": str(device), "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
                      "kernels": model.config.kernels},
         "results": results,

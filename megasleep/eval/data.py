@@ -7,13 +7,9 @@ K`` always means the same first K samples. Samples are the in-memory dicts of
 
 from __future__ import annotations
 
-import os
-import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import numpy as np
 
 # default window L per task (SPEC §4)
 TASK_WINDOWS = {"rule110": 24, "depo": 75, "gsm": 2000}
@@ -33,37 +29,15 @@ class EvalData:
     tokenizer_hash: str | None = None
 
 
-def _open_stream(url: str):
-    from megasleep.data.manifest import is_url
-
-    if is_url(url):
-        import webdataset as wds
-
-        return wds.gopen(url, "rb")
-    return open(url, "rb")
-
-
 def iter_shard(url: str, vocab_size: int | None = None) -> Iterator[dict]:
-    """Decoded samples of one tar shard, in file order (members grouped by key like webdataset)."""
+    """Decoded samples of one tar shard (a path or any URL webdataset's ``gopen`` reads), in file
+    order; members are grouped into samples by ``webdataset.tarfile_to_samples``."""
+    import webdataset as wds
+
     from megasleep.data.sample import decode_sample
 
-    with _open_stream(url) as f, tarfile.open(fileobj=f, mode="r|*") as tar:
-        current: dict | None = None
-        for member in tar:
-            if not member.isfile():
-                continue
-            base = os.path.basename(member.name)
-            if "." not in base:
-                continue
-            key, fld = base.split(".", 1)
-            prefix = os.path.dirname(member.name) + "/" + key
-            if current is None or current["__key__"] != prefix:
-                if current is not None:
-                    yield decode_sample(current, vocab_size)
-                current = {"__key__": prefix}
-            current[fld] = tar.extractfile(member).read()
-        if current is not None:
-            yield decode_sample(current, vocab_size)
+    for raw in wds.tarfile_to_samples()([{"url": str(url)}]):
+        yield decode_sample(raw, vocab_size)
 
 
 def read_shards(spec, max_examples: int | None = None, vocab_size: int | None = None) -> tuple[list[dict], dict | None, list[str]]:
@@ -134,33 +108,14 @@ def generate_task_data(task: str, tokenizer, n_per_difficulty: int, difficulties
 
 
 def batches(samples: list[dict], batch_size: int, pad_id: int = 0, sort: bool = True):
-    """Yield (indices, input_ids [B,T], loss_mask [B,T], doc_ids [B,T] or None, lengths) as numpy.
-
-    Right padding (pad has loss_mask 0) never changes a row's real tokens: the model is causal and
-    windows are aligned at position 0. With ``sort`` rows of similar length share a batch."""
-    from megasleep.data.sample import doc_ids_from_starts
+    """Yield (sample indices, collated numpy batch) (:func:`megasleep.data.sample.collate`). With
+    ``sort`` rows of similar length share a batch (less padding)."""
+    from megasleep.data.sample import collate
 
     order = sorted(range(len(samples)), key=lambda i: len(samples[i]["input_ids"])) if sort else list(range(len(samples)))
     for b in range(0, len(order), batch_size):
         idx = order[b:b + batch_size]
-        lens = [len(samples[i]["input_ids"]) for i in idx]
-        T = max(lens)
-        ids = np.full((len(idx), T), pad_id, dtype=np.int64)
-        mask = np.zeros((len(idx), T), dtype=bool)
-        docs = np.zeros((len(idx), T), dtype=np.int64)
-        multi = False
-        for r, i in enumerate(idx):
-            s = samples[i]
-            n = lens[r]
-            ids[r, :n] = s["input_ids"]
-            mask[r, :n] = s["loss_mask"].astype(bool)
-            starts = s["doc_starts"]
-            if len(starts) > 1:
-                multi = True
-                d = doc_ids_from_starts(starts, n)
-                docs[r, :n] = d
-                docs[r, n:] = d[-1]
-        yield idx, ids, mask, (docs if multi else None), lens
+        yield idx, collate([samples[i] for i in idx], pad_id)
 
 
 def resolve_tokenizer(checkpoint_tokenizer: Path | None, task: str | None, workdir: Path):

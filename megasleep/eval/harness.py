@@ -1,40 +1,50 @@
-"""The evaluation loop: one model, one dataset, several sleep depths N, through the training forward.
+"""The one scorer: a model, samples, several sleep depths N, through the training forward.
 
-Every N runs :class:`megasleep.sleep.loop.SleepRunner` (the same sleep loop as training) over batches
-of samples. A small subclass keeps, per window, the greedy prediction and the cross-entropy at every
-target position (logits never exist for more than one window at a time), from which:
+Used by ``megasleep eval``, by the trainer (:mod:`megasleep.train.validate`), and read back by
+studies, the demo and ``megasleep eval compare``: one results schema (see :mod:`megasleep.eval.report`).
 
-* task data: per difficulty bucket, exact-match accuracy over scored units (a Rule-110 sample's 4
-  labels; each Depo query's 2 answer tokens; a GSM integer) with a sample-level bootstrap 95%
-  interval, and the mean answer loss (CE per answer token). Teacher-forced exact match of all of a
-  unit's tokens equals greedy decoding of that unit (each token is predicted from a correct prefix
-  until the first mistake, which makes the unit wrong either way).
-* GSM: the integer is *generated* greedily after the ``Answer:`` cue and scored with GSM-Infinite's
-  extraction (:mod:`megasleep.eval.scoring`); the AUC of accuracy vs ops is reported too.
-* every dataset: loss and perplexity per window index (does sleep help later windows?), and, with
-  ``adaptive_tol``, the passes actually used per window.
+* :func:`score_batch` runs :class:`CollectingRunner` (the training sleep loop that also keeps, per
+  window, the greedy prediction and the CE at every target position: the answer positions are scored
+  from those, and logits never exist for more than one window at a time) and appends one record per
+  sample, holding one outcome per scored *unit* (a Rule-110 sample's 4 labels are one unit; each Depo
+  query's 2 answer tokens are one; a GSM integer is one) to a :class:`Tally`.
+* :meth:`Tally.reduce` is the one rank reduction (all ranks' records and window sums).
+* :func:`summarize` turns a tally into the result of one N: accuracy = correct units / units, with a
+  Wilson interval (units independent) and a sample-level bootstrap interval (a sample's units
+  resampled together) side by side, answer loss, loss per window, GSM AUC.
+
+Teacher-forced exact match of all of a unit's tokens equals greedy decoding of that unit (each token
+is predicted from a correct prefix until the first mistake, which makes the unit wrong either way).
+GSM answers are *generated* greedily and scored with GSM-Infinite's extraction
+(:mod:`megasleep.eval.scoring`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from megasleep.eval.data import EvalData, batches
-from megasleep.eval.scoring import bootstrap_ci, gsm_auc, gsm_score_generation, sample_units
+from megasleep.eval.scoring import bootstrap_ci, gsm_auc, gsm_score_generation, sample_units, wilson
 from megasleep.models.norm import upcast
 from megasleep.sleep.config import SleepConfig
-from megasleep.sleep.loop import SleepRunner
+from megasleep.sleep.loop import SleepOutput, SleepRunner
+
+# forward(input_ids, loss_mask, doc_ids, sleep config) -> SleepOutput of a CollectingRunner
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, SleepConfig], SleepOutput]
 
 
 class CollectingRunner(SleepRunner):
-    """SleepRunner that also keeps argmax predictions and per-position CE of windows with targets."""
+    """SleepRunner that also keeps argmax predictions and per-position CE of windows with targets
+    ([B, T] each, in ``SleepOutput.extras["predictions"]`` / ``["target_ce"]``; -1 / 0 elsewhere)."""
 
     def __init__(self, model, cfg: SleepConfig, backend: str | None = None):
         super().__init__(model, cfg, backend)
@@ -59,6 +69,24 @@ class CollectingRunner(SleepRunner):
     def collected(self) -> tuple[torch.Tensor, torch.Tensor]:
         return torch.cat(self.preds, 1), torch.cat(self.ces, 1)
 
+    def __call__(self, *args, **kwargs) -> SleepOutput:
+        self.reset()
+        out = super().__call__(*args, **kwargs)
+        out.extras["predictions"], out.extras["target_ce"] = self.collected()
+        return out
+
+
+def direct_forward(model, autocast_dtype: torch.dtype | None = None) -> Forward:
+    """The scoring forward on a plain model (``megasleep eval``); the trainer passes its engine's."""
+
+    def forward(ids, mask, docs, cfg: SleepConfig) -> SleepOutput:
+        ctx = (torch.autocast(ids.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+               else contextlib.nullcontext())
+        with torch.no_grad(), ctx:
+            return CollectingRunner(model, cfg)(ids, mask, docs)
+
+    return forward
+
 
 @dataclass
 class EvalSettings:
@@ -78,6 +106,75 @@ class EvalSettings:
                            adaptive_tol=self.adaptive_tol, checkpoint=False)
 
 
+@dataclass
+class Tally:
+    """What :func:`score_batch` gathers for one N: per-sample records and per-window loss sums."""
+
+    records: list[dict] = field(default_factory=list)
+    win_sum: dict[int, float] = field(default_factory=lambda: defaultdict(float))
+    win_tok: dict[int, int] = field(default_factory=lambda: defaultdict(int))
+    win_passes: dict[int, list[int]] = field(default_factory=lambda: defaultdict(list))
+    forwards: int = 0
+
+    def reduce(self) -> Tally:
+        """All ranks' tallies merged (records sorted by sample index); itself without a process group."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self
+        mine = {"records": self.records, "win_sum": dict(self.win_sum), "win_tok": dict(self.win_tok),
+                "win_passes": dict(self.win_passes), "forwards": self.forwards}
+        parts: list = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, mine)
+        out = Tally()
+        for p in parts:
+            out.records.extend(p["records"])
+            for w, v in p["win_sum"].items():
+                out.win_sum[w] += v
+            for w, v in p["win_tok"].items():
+                out.win_tok[w] += v
+            for w, v in p["win_passes"].items():
+                out.win_passes[w].extend(v)
+            out.forwards += p["forwards"]
+        out.records.sort(key=lambda r: r["index"])
+        return out
+
+
+def _answer_span(meta: dict) -> list[int]:
+    return sorted(int(p) for p in meta.get("answer_positions") or [])
+
+
+def score_batch(forward: Forward, batch: dict, indices: list[int], cfg: SleepConfig, tally: Tally,
+                device: torch.device) -> None:
+    """Score one collated batch (:func:`megasleep.data.sample.collate`) at ``cfg.passes``: one record
+    per row into ``tally`` (``indices[r]`` names row r's sample), and the window loss sums."""
+    ids = torch.as_tensor(batch["input_ids"]).long().to(device)
+    mask = torch.as_tensor(batch["loss_mask"]).bool().to(device)
+    docs = batch.get("doc_ids")
+    docs = torch.as_tensor(docs).long().to(device) if docs is not None else None
+    out = forward(ids, mask, docs, cfg)
+    tally.forwards += out.forwards
+    for w, (loss_sum, n) in enumerate(zip(out.window_loss_sum.tolist(), out.window_tokens)):
+        if n:
+            tally.win_sum[w] += loss_sum
+            tally.win_tok[w] += n
+        tally.win_passes[w].append(out.passes_used[w])
+    preds, ces = out.extras["predictions"].cpu(), out.extras["target_ce"].cpu()
+    row_ids, tokens = ids.cpu(), mask.sum(1).tolist()
+    for r, i in enumerate(indices):
+        meta = batch["meta"][r] if isinstance(batch["meta"][r], dict) else {}
+        units = sample_units(meta)
+        rec = {"index": i, "passes": cfg.passes, "tokens": int(tokens[r])}
+        if units:
+            hits = [int(all(int(preds[r, p - 1]) == int(row_ids[r, p]) for p in pos)) for pos in units]
+            ans = _answer_span(meta)
+            rec.update(difficulty=meta.get("difficulty"), units=len(units), correct=sum(hits), unit_correct=hits,
+                       tf_correct=sum(hits), answer_tokens=len(ans),
+                       answer_loss_sum=float(sum(float(ces[r, p - 1]) for p in ans)),
+                       pred_answer_ids=[int(preds[r, p - 1]) for p in ans])
+        tally.records.append(rec)
+
+
 def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -91,17 +188,15 @@ def next_tokens(runner: CollectingRunner, seqs: list[list[int]], pad_id: int = 0
     for r, s in enumerate(seqs):
         ids[r, :len(s)] = torch.tensor(s)
         mask[r, len(s)] = True  # a target slot right after the sequence: its prediction is kept
-    runner.reset()
     with torch.no_grad():
-        runner(ids.to(device), mask.to(device))
-    preds, _ = runner.collected()
+        preds = runner(ids.to(device), mask.to(device)).extras["predictions"]
     return [int(preds[r, len(s) - 1]) for r, s in enumerate(seqs)]
 
 
 def greedy_stream(model, sleep_cfg: SleepConfig, prefix: list[int], max_steps: int,
                   stop_ids: set[int] | None = None):
     """Greedy continuation of ``prefix`` through the streaming engine (prefill, then one wake step per
-    token; it gives the chunked sleep forward's logits, SPEC §3). Yields up to ``max_steps`` tokens and
+    token; it gives the chunked sleep forward's logits, docs/sleep.md). Yields up to ``max_steps`` tokens and
     stops after a token in ``stop_ids``."""
     from megasleep.inference import Session
 
@@ -124,74 +219,31 @@ def greedy_generate(model, sleep_cfg: SleepConfig, prefixes: list[list[int]], st
     return [list(greedy_stream(model, sleep_cfg, p, n, stop_ids)) for p, n in zip(prefixes, steps)]
 
 
-def _answer_span(meta: dict) -> list[int]:
-    return sorted(int(p) for p in meta.get("answer_positions") or [])
-
-
 def evaluate_passes(model, data: EvalData, settings: EvalSettings, passes: int, tokenizer=None) -> tuple[dict, list[dict]]:
     """Evaluate at one sleep depth. Returns (result dict, per-sample records)."""
     from tqdm import tqdm
 
     device = _device_of(model)
     cfg = settings.sleep_config(passes)
-    runner = CollectingRunner(model, cfg)
     pad_id = getattr(tokenizer, "pad_id", 0) if tokenizer is not None else 0
     if not 0 <= pad_id < model.config.vocab_size:
         pad_id = 0
-    is_task = data.kind == "task"
-    win_sum: dict[int, float] = defaultdict(float)
-    win_tok: dict[int, int] = defaultdict(int)
-    win_passes: dict[int, list[int]] = defaultdict(list)
-    records: list[dict] = []
-    forwards = 0
+    tally = Tally()
     t0 = time.perf_counter()
-    n_batches = math.ceil(len(data.samples) / settings.batch_size)
-    bar = tqdm(batches(data.samples, settings.batch_size, pad_id), total=n_batches, desc=f"N={passes}",
-               unit="batch", disable=not settings.progress, leave=False)
-    for idx, ids_np, mask_np, docs_np, _lens in bar:
-        ids = torch.from_numpy(ids_np).to(device)
-        mask = torch.from_numpy(mask_np).to(device)
-        docs = torch.from_numpy(docs_np).to(device) if docs_np is not None else None
-        runner.reset()
-        with torch.no_grad():
-            out = runner(ids, mask, docs)
-        forwards += out.forwards
-        for w, (loss, n) in enumerate(zip(out.window_loss, out.window_tokens)):
-            if n:
-                win_sum[w] += loss * n
-                win_tok[w] += n
-            win_passes[w].append(out.passes_used[w])
-        if not is_task:
-            for r, i in enumerate(idx):
-                records.append({"index": i, "passes": passes, "tokens": int(mask_np[r].sum())})
-            continue
-        preds, ces = runner.collected()
-        preds, ces = preds.cpu(), ces.cpu()
-        for r, i in enumerate(idx):
-            s = data.samples[i]
-            meta = s["meta"]
-            units = sample_units(meta)
-            row_ids = ids_np[r]
-            correct = 0
-            for pos in units:
-                if all(int(preds[r, p - 1]) == int(row_ids[p]) for p in pos):
-                    correct += 1
-            ans = _answer_span(meta)
-            ce_sum = float(sum(float(ces[r, p - 1]) for p in ans))
-            records.append({
-                "index": i, "passes": passes, "difficulty": meta.get("difficulty"), "units": len(units),
-                "correct": correct, "tf_correct": correct, "answer_tokens": len(ans), "answer_loss_sum": ce_sum,
-                "pred_answer_ids": [int(preds[r, p - 1]) for p in ans],
-            })
+    forward = direct_forward(model)
+    bar = tqdm(batches(data.samples, settings.batch_size, pad_id), total=math.ceil(len(data.samples) /
+               settings.batch_size), desc=f"N={passes}", unit="batch", disable=not settings.progress, leave=False)
+    for idx, batch in bar:
+        score_batch(forward, batch, idx, cfg, tally, device)
     bar.close()
+    tally.records.sort(key=lambda r: r["index"])
     scoring = "teacher"
-    if is_task and _uses_generation(data, settings):
+    if data.kind == "task" and _uses_generation(data, settings):
         scoring = "generate"
-        _gsm_generate(model, cfg, data, records, settings, tokenizer, pad_id)
-    seconds = time.perf_counter() - t0
-    result = summarize(data, records, settings, passes, win_sum, win_tok, win_passes)
-    result.update(seconds=round(seconds, 3), forwards=forwards, scoring=scoring if is_task else None)
-    return result, records
+        _gsm_generate(model, cfg, data, tally.records, settings, tokenizer, pad_id)
+    result = summarize(tally, settings, passes, data.task if data.kind == "task" else None)
+    result.update(seconds=round(time.perf_counter() - t0, 3), scoring=scoring if data.kind == "task" else None)
+    return result, tally.records
 
 
 def _uses_generation(data: EvalData, settings: EvalSettings) -> bool:
@@ -240,11 +292,28 @@ def _gsm_generate(model, cfg, data: EvalData, records: list[dict], settings: Eva
             toks = toks[:cut]
         text = tokenizer.decode(toks)
         ok, got = gsm_score_generation(text, s["meta"].get("answer"))
-        rec.update(correct=int(ok), units=1, generated=text, extracted=got)
+        rec.update(correct=int(ok), units=1, unit_correct=[int(ok)], generated=text, extracted=got)
 
 
-def summarize(data: EvalData, records: list[dict], settings: EvalSettings, passes: int, win_sum, win_tok,
-              win_passes) -> dict:
+def unit_stats(recs: list[dict], n_boot: int, seed: int) -> dict:
+    """Accuracy over the scored units of ``recs`` with both 95% intervals: Wilson (``wilson_low`` /
+    ``wilson_high``: units independent) and the sample bootstrap (``ci_low`` / ``ci_high``: a sample's
+    units resampled together, so Depo's correlated queries do not shrink it)."""
+    c = [r["correct"] for r in recs]
+    u = [r["units"] for r in recs]
+    acc, lo, hi = bootstrap_ci(c, u, n_boot, seed=seed)
+    wlo, whi = wilson(sum(c), sum(u))
+    at = sum(r["answer_tokens"] for r in recs)
+    al = sum(r["answer_loss_sum"] for r in recs) / at if at else None
+    tf = sum(r.get("tf_correct", r["correct"]) for r in recs) / max(1, sum(u))
+    return {"n_samples": len(recs), "n_units": int(sum(u)), "correct": int(sum(c)), "accuracy": acc,
+            "ci_low": lo, "ci_high": hi, "wilson_low": wlo, "wilson_high": whi, "answer_loss": al,
+            "answer_tokens": at, "teacher_forced_accuracy": tf}
+
+
+def summarize(tally: Tally, settings: EvalSettings, passes: int, task: str | None = None) -> dict:
+    """The result of one N (the schema of ``results.json``'s ``results`` entries)."""
+    win_sum, win_tok, win_passes, records = tally.win_sum, tally.win_tok, tally.win_passes, tally.records
     windows = []
     for w in sorted(set(win_tok) | set(win_passes)):
         n = win_tok.get(w, 0)
@@ -256,8 +325,8 @@ def summarize(data: EvalData, records: list[dict], settings: EvalSettings, passe
     tot_loss = sum(win_sum.values()) / tot_tok if tot_tok else None
     result: dict = {"passes": passes, "n_examples": len(records),
                     "loss": tot_loss, "ppl": math.exp(tot_loss) if tot_loss is not None else None,
-                    "tokens": tot_tok, "windows": windows, "buckets": [], "overall": None, "gsm": None,
-                    "adaptive": None}
+                    "tokens": tot_tok, "forwards": tally.forwards, "windows": windows, "buckets": [],
+                    "overall": None, "gsm": None, "adaptive": None}
     if settings.adaptive_tol is not None:
         allp = [p for w in win_passes.values() for p in w]
         hist: dict[str, int] = defaultdict(int)
@@ -267,26 +336,16 @@ def summarize(data: EvalData, records: list[dict], settings: EvalSettings, passe
                               "mean_passes_used": float(np.mean(allp)) if allp else None,
                               "histogram": dict(sorted(hist.items(), key=lambda kv: int(kv[0]))),
                               "note": "passes used is decided per batch and window (the largest change in the batch)"}
-    if data.kind != "task":
+    scored = [r for r in records if r.get("units")]
+    if not scored:
         return result
-
-    def stats(recs: list[dict]) -> dict:
-        c = [r["correct"] for r in recs]
-        u = [r["units"] for r in recs]
-        acc, lo, hi = bootstrap_ci(c, u, settings.bootstrap, seed=settings.seed)
-        at = sum(r["answer_tokens"] for r in recs)
-        al = sum(r["answer_loss_sum"] for r in recs) / at if at else None
-        tf_acc = (sum(r["tf_correct"] for r in recs) / max(1, sum(len(sample_units(data.samples[r['index']]['meta']))
-                                                                    for r in recs)))
-        return {"n_samples": len(recs), "n_units": int(sum(u)), "accuracy": acc, "ci_low": lo, "ci_high": hi,
-                "answer_loss": al, "answer_tokens": at, "teacher_forced_accuracy": tf_acc}
-
     by_d: dict = defaultdict(list)
-    for r in records:
+    for r in scored:
         by_d[r["difficulty"]].append(r)
-    result["overall"] = stats(records)
-    result["buckets"] = [{"difficulty": d, **stats(by_d[d])} for d in sorted(by_d, key=_diff_key)]
-    if data.task == "gsm":
+    result["overall"] = unit_stats(scored, settings.bootstrap, settings.seed)
+    result["buckets"] = [{"difficulty": d, **unit_stats(by_d[d], settings.bootstrap, settings.seed)}
+                         for d in sorted(by_d, key=_diff_key)]
+    if task == "gsm":
         pts = [(b["difficulty"], b["accuracy"]) for b in result["buckets"] if isinstance(b["difficulty"], (int, float))]
         result["gsm"] = {"auc": gsm_auc([p[0] for p in pts], [p[1] for p in pts]),
                          "ops": [p[0] for p in pts],
@@ -311,5 +370,22 @@ def evaluate(model, data: EvalData, settings: EvalSettings, tokenizer=None) -> t
     return results, records
 
 
-__all__ = ["CollectingRunner", "EvalSettings", "evaluate", "evaluate_passes", "greedy_generate", "greedy_stream", "next_tokens",
-           "summarize"]
+def by_passes(results: Iterable[dict]) -> dict[int, dict]:
+    """``{N: result}`` of a results list (every reader indexes results by N this way)."""
+    return {int(r["passes"]): r for r in results}
+
+
+def summary_line(results: list[dict]) -> str:
+    """``N=1 loss 0.5120 acc 0.640 | N=2 ...`` (accuracy over scored units)."""
+    parts = []
+    for r in results:
+        txt = f"N={r['passes']} loss {r['loss']:.4f}" if r.get("loss") is not None else f"N={r['passes']}"
+        if r.get("overall"):
+            txt += f" acc {r['overall']['accuracy']:.3f}"
+        parts.append(txt)
+    return " | ".join(parts)
+
+
+__all__ = ["CollectingRunner", "EvalSettings", "Forward", "Tally", "by_passes", "direct_forward", "evaluate",
+           "evaluate_passes", "greedy_generate", "greedy_stream", "next_tokens", "score_batch", "summarize",
+           "summary_line", "unit_stats"]

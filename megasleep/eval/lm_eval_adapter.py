@@ -12,7 +12,10 @@ own command line unchanged. In Python: ``import megasleep.eval.lm_eval_adapter``
 model_args: ``pretrained`` (exported dir or mamba_ssm dir), ``sleep_passes`` (N, default: the
 checkpoint's training N, else 1), ``window`` (L, default: the checkpoint's, else 2048), ``eviction``
 (hard | sliding), ``adaptive_tol``, ``tokenizer`` (default: the checkpoint's tokenizer.model),
-``dtype``, ``device``, ``batch_size``, ``max_gen_toks`` (256), ``add_bos_token`` (true).
+``dtype``, ``device``, ``batch_size``, ``max_gen_toks`` (256), ``add_bos_token`` (true). Any other
+key is an error that names it (a typo such as ``sleep_pass=4`` must not silently run at another N);
+``device=cuda...`` on a machine without CUDA is an error too (the wrapper passes ``--device cpu``
+there when no device is given, so that the results JSON records the device really used).
 
 Requests go through the same chunked sleep forward as training (windows of L tokens, N passes before
 each eviction), so there is no maximum length: ``loglikelihood_rolling`` scores a whole document in one
@@ -22,6 +25,8 @@ continuation, and ``generate_until`` decodes greedily, re-running the sleep forw
 
 from __future__ import annotations
 
+import difflib
+import inspect
 from pathlib import Path
 
 import torch
@@ -35,7 +40,11 @@ class MegasleepLM(TemplateLM):
     def __init__(self, pretrained: str, sleep_passes: int | None = None, window: int | None = None,
                  eviction: str | None = None, adaptive_tol: float | None = None, tokenizer: str | None = None,
                  dtype: str = "float32", device: str | None = None, batch_size: int | str | None = 1,
-                 max_batch_size: int | None = None, max_gen_toks: int = 256, add_bos_token: bool = True, **kwargs):
+                 max_batch_size: int | None = None, max_gen_toks: int = 256, add_bos_token: bool = True,
+                 trust_remote_code: bool | None = None, **kwargs):
+        # trust_remote_code: lm_eval's --trust_remote_code adds it; our checkpoints run no remote code
+        if kwargs:
+            raise ValueError(unknown_args_message(sorted(kwargs)))
         super().__init__()
         from megasleep.checkpoint.load import load_pretrained
         from megasleep.checkpoint.released import tokenizer_path
@@ -43,12 +52,9 @@ class MegasleepLM(TemplateLM):
         from megasleep.eval.harness import CollectingRunner
         from megasleep.sleep.config import SleepConfig
 
-        if kwargs:
-            import warnings
-
-            warnings.warn(f"megasleep lm_eval model: ignoring unknown model_args {sorted(kwargs)}", stacklevel=2)
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
-            device = None  # lm_eval's CLI defaults to --device cuda; fall back on CPU-only machines
+            raise ValueError(f"megasleep lm_eval model: device={device} but CUDA is not available on this machine; "
+                             "pass --device cpu")
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self._device = dev
         self.model = load_pretrained(pretrained, device=dev, dtype=dtype)
@@ -198,4 +204,14 @@ class MegasleepLM(TemplateLM):
         return results
 
 
-__all__ = ["MegasleepLM"]
+def unknown_args_message(unknown: list[str]) -> str:
+    """One line naming the unknown model_args, with the closest known name of each."""
+    known = [k for k in inspect.signature(MegasleepLM.__init__).parameters if k not in ("self", "kwargs")]
+    parts = []
+    for k in unknown:
+        close = difflib.get_close_matches(k, known, n=1)
+        parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return (f"megasleep lm_eval model: unknown model_args {', '.join(parts)}; known: {', '.join(known)}")
+
+
+__all__ = ["MegasleepLM", "unknown_args_message"]

@@ -10,8 +10,9 @@ results.json (format "megasleep-eval", version 1)::
      "settings": {sleep_passes, window, eviction, adaptive_tol, batch_size, bootstrap, seed, scoring,
                   max_new_tokens, max_examples, device, dtype},
      "results": [{passes, n_examples, loss, ppl, tokens, seconds, forwards, scoring,
-                  overall: {accuracy, ci_low, ci_high, n_samples, n_units, answer_loss, ...} | null,
-                  buckets: [{difficulty, accuracy, ci_low, ci_high, answer_loss, ...}],
+                  overall: {correct, n_units, n_samples, accuracy, ci_low, ci_high (bootstrap),
+                            wilson_low, wilson_high, answer_loss, ...} | null,
+                  buckets: [{difficulty, <the same fields>}],
                   windows: [{window, tokens, loss, ppl, mean_passes_used}],
                   adaptive: {...} | null, gsm: {auc, ops} | null}],
      "files": {...}}
@@ -26,8 +27,8 @@ import os
 from pathlib import Path
 
 RESULTS_NAME = "results.json"
-BUCKET_FIELDS = ["passes", "difficulty_name", "difficulty", "n_samples", "n_units", "accuracy", "ci_low", "ci_high",
-                 "answer_loss", "answer_tokens", "teacher_forced_accuracy"]
+BUCKET_FIELDS = ["passes", "difficulty_name", "difficulty", "n_samples", "n_units", "correct", "accuracy", "ci_low",
+                 "ci_high", "wilson_low", "wilson_high", "answer_loss", "answer_tokens", "teacher_forced_accuracy"]
 WINDOW_FIELDS = ["passes", "window", "tokens", "loss", "ppl", "mean_passes_used"]
 
 
@@ -93,9 +94,16 @@ def make_plots(out: Path, doc: dict) -> dict:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     files = {}
     results = doc["results"]
+    chance = (doc.get("settings") or {}).get("chance")
+
+    def chance_line(ax):
+        if chance is not None:
+            ax.axhline(chance, color="gray", ls=":", lw=1, label=f"chance ({chance:.3g})")
+
     dname = doc["data"].get("difficulty_name", "difficulty")
     title = f"{Path(doc['checkpoint']['path']).name} on {doc['data'].get('task') or doc['data'].get('kind')} " \
             f"(L={doc['settings']['window']}, {doc['settings']['eviction']})"
@@ -114,6 +122,8 @@ def make_plots(out: Path, doc: dict) -> dict:
                         label=f"{dname}={d}")
         ax.set_xscale("log", base=2)
         ax.set_xticks(Ns, [str(n) for n in Ns])
+        ax.minorticks_off()  # the log axis' minor ticks would label fractional N
+        chance_line(ax)
         ax.set_xlabel("sleep passes N")
         ax.set_ylabel("exact-match accuracy (95% bootstrap CI)")
         ax.set_ylim(-0.02, 1.02)
@@ -132,9 +142,15 @@ def make_plots(out: Path, doc: dict) -> dict:
                 label = f"N={r['passes']}"
                 if r.get("gsm"):
                     label += f" (AUC {r['gsm']['auc']:.1f})"
-                ax.plot([b["difficulty"] for b in bs], [b["accuracy"] for b in bs], marker="o", label=label)
+                err = [[max(0.0, b["accuracy"] - b["ci_low"]) for b in bs], [max(0.0, b["ci_high"] - b["accuracy"])
+                                                                           for b in bs]]
+                ax.errorbar([b["difficulty"] for b in bs], [b["accuracy"] for b in bs], yerr=err, marker="o",
+                            capsize=3, label=label)
+            if all(float(d).is_integer() for d in numeric):
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            chance_line(ax)
             ax.set_xlabel(dname)
-            ax.set_ylabel("exact-match accuracy")
+            ax.set_ylabel("exact-match accuracy (95% bootstrap CI)")
             ax.set_ylim(-0.02, 1.02)
             ax.set_title(title, fontsize=9)
             ax.grid(alpha=0.3)
@@ -148,6 +164,7 @@ def make_plots(out: Path, doc: dict) -> dict:
         for r in results:
             ws = [w for w in r["windows"] if w.get("loss") is not None]
             ax.plot([w["window"] for w in ws], [w["loss"] for w in ws], marker="o", label=f"N={r['passes']}")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("window index (tokens [iL, (i+1)L))")
         ax.set_ylabel("loss on target tokens (nats/token)")
         ax.set_title(title, fontsize=9)
@@ -162,16 +179,37 @@ def make_plots(out: Path, doc: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ compare
 def read_results(path: str | os.PathLike) -> dict:
+    """A results document: ``megasleep eval``'s results.json, or a training run's ``eval.json`` (the
+    trainer scores with the same harness, so its ``results`` have the same schema)."""
     p = Path(path)
     if p.is_dir():
-        p = p / RESULTS_NAME
+        p = p / RESULTS_NAME if (p / RESULTS_NAME).is_file() or not (p / "eval.json").is_file() else p / "eval.json"
     if not p.is_file():
-        raise FileNotFoundError(f"{path}: no {RESULTS_NAME} (expected an evaluation results directory)")
+        raise FileNotFoundError(f"{path}: no {RESULTS_NAME} (expected an evaluation results directory, or a training "
+                                "run directory with eval.json)")
     doc = json.loads(p.read_text())
+    if p.name == "eval.json" and isinstance(doc.get("results"), list):
+        doc = _training_eval(p, doc)
     if doc.get("format") != "megasleep-eval":
         raise ValueError(f"{p}: not a megasleep evaluation result (format={doc.get('format')!r})")
     doc["_path"] = str(p)
     return doc
+
+
+def _training_eval(path: Path, ev: dict) -> dict:
+    """A training run's eval.json as a results document (settings from the run's config.yaml)."""
+    import yaml
+
+    cfg_file = path.parent / "config.yaml"
+    cfg = yaml.safe_load(cfg_file.read_text()) if cfg_file.is_file() else {}
+    sleep = (cfg or {}).get("sleep") or {}
+    data = (cfg or {}).get("data") or {}
+    task = (data.get("task") or {}).get("name") if data.get("source") == "task" else None
+    return {"format": "megasleep-eval", "results": ev["results"],
+            "checkpoint": {"path": f"{path.parent} (training run, step {ev.get('step')})"},
+            "data": {"task": task, "kind": "task" if task else data.get("source"),
+                     "n_examples": (ev["results"][0]["n_examples"] if ev["results"] else None)},
+            "settings": {"window": sleep.get("window"), "eviction": sleep.get("eviction")}}
 
 
 def _fmt_acc(b: dict | None) -> str:

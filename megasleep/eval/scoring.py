@@ -1,4 +1,5 @@
-"""Scoring helpers: GSM-Infinite answer extraction and AUC, exact-match units, bootstrap intervals.
+"""Scoring helpers: GSM-Infinite answer extraction and AUC, exact-match units, and the two intervals
+every accuracy carries (Wilson over units, bootstrap over samples).
 
 GSM scoring follows the GSM-Infinite benchmark's realistic-set evaluation (Infini-AI-Lab/gsm_infinite,
 ``pred/eval_realistic.py: criteriaoutput`` for the integer extraction, and ``app.py: calculate_auc`` for
@@ -9,6 +10,7 @@ gsm-infinite/app.py); reimplemented here, not copied.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 
@@ -118,6 +120,35 @@ def bootstrap_ci(correct: Sequence[float], units: Sequence[float] | None = None,
     return acc, float(lo), float(hi)
 
 
+Z95 = 1.959964
+
+
+def wilson(correct: float, n: float, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion ``correct / n`` (0, 1 when n = 0)."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def chance_level(task: str | None, samples: list[dict]) -> float | None:
+    """Exact-match accuracy of uniform guessing per unit, where the task fixes it: Rule 110, one bit
+    per label (2^-labels); Depo, a 2-letter node name (1/26^2). None for other data."""
+    if not samples:
+        return None
+    units = sample_units(samples[0]["meta"])
+    if task == "rule110" and units:
+        return 0.5 ** len(units[0])
+    if task == "depo":
+        from megasleep.data.tasks.depo import LETTERS
+
+        return 1.0 / len(LETTERS) ** 2
+    return None
+
+
 def sample_units(meta: dict) -> list[list[int]]:
     """The scored units of a sample as lists of answer positions: one unit per ``meta.queries`` entry
     (Depo: each query's 2 answer tokens) or the whole answer (Rule 110's 4 labels, GSM's integer)."""
@@ -128,5 +159,5 @@ def sample_units(meta: dict) -> list[list[int]]:
     return [pos] if pos else []
 
 
-__all__ = ["GSM_KEYWORDS", "bootstrap_ci", "extract_integer_answer", "gsm_auc", "gsm_score_generation",
-           "sample_units"]
+__all__ = ["GSM_KEYWORDS", "Z95", "bootstrap_ci", "chance_level", "extract_integer_answer", "gsm_auc", "gsm_score_generation",
+           "sample_units", "wilson"]

@@ -201,7 +201,11 @@ class Session:
         return self
 
     def state_dict(self) -> dict:
-        """Everything the session holds, as plain containers of tensors (``torch.save``-able; no weights)."""
+        """Everything the session holds, as plain containers of tensors (``torch.save``-able; no weights).
+
+        A snapshot: the sleep-feature buffer, the one tensor the session writes in place, is copied, so
+        the dict does not change when the session runs on (the other tensors are replaced, never written).
+        """
 
         def cache(c: LayerCache) -> dict:
             return {f.name: getattr(c, f.name) for f in fields(c)}
@@ -211,7 +215,7 @@ class Session:
                 "sleep_log": [(r.window, r.passes_used, r.seconds) for r in self.sleep_log], "caches": [cache(c) for c in self.caches],
                 "conv0": list(self._conv0),
                 "start_short": None if self._start_short is None else [cache(c) for c in self._start_short],
-                "feats": self._feats}
+                "feats": None if self._feats is None else self._feats.clone()}
 
     def load_state_dict(self, sd: dict) -> Session:
         """Restore a :meth:`state_dict` of a session with the same window, passes and eviction."""
@@ -234,7 +238,9 @@ class Session:
         self.caches = [cache(d) for d in sd["caches"]]
         self._conv0 = [None if c is None else tuple(map(to, c)) for c in sd["conv0"]]
         self._start_short = None if sd["start_short"] is None else [cache(d) for d in sd["start_short"]]
-        self._feats = to(sd["feats"])
+        # a copy: the buffer is written in place while a window fills, so sharing it with ``sd`` would let
+        # two sessions restored from one state corrupt each other's sleep at the next window end
+        self._feats = None if sd["feats"] is None else sd["feats"].to(dev, copy=True)
         return self
 
     def fork(self) -> Session:
@@ -247,7 +253,7 @@ class Session:
         sd = {**sd, "caches": [{k: (tuple(t.clone() for t in v) if isinstance(v, tuple) else
                                     (v.clone() if isinstance(v, Tensor) else v)) for k, v in c.items()}
                                for c in sd["caches"]],
-              "start_short": sd["start_short"], "feats": None if sd["feats"] is None else sd["feats"].clone()}
+              "start_short": sd["start_short"]}  # state_dict / load_state_dict copy the feature buffer
         return other.load_state_dict(sd)
 
     def held_tensors(self) -> dict[str, Tensor]:

@@ -1,31 +1,22 @@
 """Tables, plots and the verdict of a study, from its runs' results.
 
-Intervals are Wilson 95% score intervals on exact-match counts. "Pooled" counts add the seeds of one N
-together: its interval covers sampling noise of the evaluation set only, so the per-seed columns are
-printed beside it to show the spread between training runs, which it does not cover.
+A run's ``eval`` is the results list its trainer wrote (``eval.json``: the schema of
+``megasleep eval``'s results.json, one entry per N); counts are correct scored units over units, the
+accuracy ``megasleep eval`` reports. Intervals are Wilson 95% score intervals on those counts. "Pooled"
+counts add the seeds of one N together: its interval covers sampling noise of the evaluation set only,
+so the per-seed columns are printed beside it to show the spread between training runs, which it does
+not cover. Summaries written before the one-scorer schema (``{"N=1": {"by_difficulty": ...}}``, scored
+per sample) are read too and marked ``legacy``.
 """
 
 from __future__ import annotations
 
 import json
-import math
 from collections import defaultdict
 from pathlib import Path
 
-from megasleep.train.evaluate import passes_of
-
-Z95 = 1.959964
-
-
-def wilson(correct: float, n: float, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion ``correct / n`` (0, 1 when n = 0)."""
-    if n <= 0:
-        return 0.0, 1.0
-    p = correct / n
-    denom = 1 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
+from megasleep.eval.harness import by_passes
+from megasleep.eval.scoring import wilson
 
 
 def _num(s: str):
@@ -35,16 +26,41 @@ def _num(s: str):
         return (1, s)
 
 
-def counts(ev: dict, difficulty: str | None = None) -> tuple[float, int]:
-    """(correct, samples) of one evaluation (one N): overall, or for one difficulty bucket."""
-    buckets = ev.get("by_difficulty", {})
-    chosen = buckets.values() if difficulty is None else [buckets.get(difficulty, {})]
-    correct = total = 0.0
-    for b in chosen:
-        k = b.get("samples") or 0
-        correct += b.get("accuracy", 0.0) * k
-        total += k
-    return round(correct), int(total)
+def _from_legacy(n_key: str, ev: dict) -> dict:
+    """A pre-schema evaluation of one N as a harness result (its accuracy was per sample)."""
+    buckets = []
+    for d, b in sorted((ev.get("by_difficulty") or {}).items(), key=lambda kv: _num(kv[0])):
+        k = int(b.get("samples") or 0)
+        if k:
+            buckets.append({"difficulty": d, "n_samples": k, "n_units": k, "correct": round(b.get("accuracy", 0.0) * k),
+                            "accuracy": b.get("accuracy")})
+    c, n = sum(b["correct"] for b in buckets), sum(b["n_units"] for b in buckets)
+    overall = {"n_samples": n, "n_units": n, "correct": c, "accuracy": c / n} if n else None
+    return {"passes": int(n_key.split("=")[1]), "loss": ev.get("loss"), "legacy": True, "buckets": buckets,
+            "overall": overall}
+
+
+def results_of(run: dict) -> dict[int, dict]:
+    """``{N: result}`` of a run's evaluation (the results list, or a legacy ``{"N=k": ...}`` dict)."""
+    ev = run["eval"]
+    if isinstance(ev, dict):
+        return {r["passes"]: r for r in (_from_legacy(k, v) for k, v in ev.items())}
+    return by_passes(ev)
+
+
+def counts(res: dict | None, difficulty: str | None = None) -> tuple[int, int]:
+    """(correct units, units) of one evaluation (one N): overall, or for one difficulty bucket."""
+    if not res:
+        return 0, 0
+    if difficulty is None:
+        b = res.get("overall") or {}
+    else:
+        b = next((b for b in res.get("buckets") or [] if str(b["difficulty"]) == str(difficulty)), {})
+    return int(b.get("correct") or 0), int(b.get("n_units") or 0)
+
+
+def difficulties(res: dict | None) -> list[str]:
+    return [str(b["difficulty"]) for b in (res or {}).get("buckets") or []]
 
 
 def cell(correct: float, n: int) -> str:
@@ -54,11 +70,11 @@ def cell(correct: float, n: int) -> str:
     return f"{correct / n:.3f} [{lo:.2f}, {hi:.2f}]"
 
 
-def own_n(run: dict) -> str:
+def own_n(run: dict) -> int:
     """The N a model is scored at in the main table: its training N (the largest N for random N)."""
     if run["passes"]:
-        return f"N={run['passes']}"
-    return max(run["eval"], key=passes_of)
+        return int(run["passes"])
+    return max(results_of(run))
 
 
 def group(results: list[dict]) -> dict[str, list[dict]]:
@@ -68,10 +84,10 @@ def group(results: list[dict]) -> dict[str, list[dict]]:
     return dict(by)
 
 
-def pooled(runs: list[dict], n_key: str, difficulty: str | None = None) -> tuple[float, int]:
+def pooled(runs: list[dict], n: int, difficulty: str | None = None) -> tuple[float, int]:
     c = t = 0
     for r in runs:
-        ci, ti = counts(r["eval"].get(n_key, {}), difficulty)
+        ci, ti = counts(results_of(r).get(n), difficulty)
         c += ci
         t += ti
     return c, t
@@ -82,29 +98,28 @@ def main_table(results: list[dict], seeds: list[int]) -> str:
     head = "| trained | evaluated at | " + " | ".join(f"seed {s}" for s in seeds) + " | pooled |"
     lines = [head, "|---|---|" + "---|" * (len(seeds) + 1)]
     for label, runs in group(results).items():
-        n_key = own_n(runs[0])
+        n = own_n(runs[0])
         by_seed = {r["seed"]: r for r in runs}
-        cells = [cell(*counts(by_seed[s]["eval"].get(n_key, {}))) if s in by_seed else "-" for s in seeds]
-        lines.append(f"| {label} | {n_key} | " + " | ".join(cells) + f" | {cell(*pooled(runs, n_key))} |")
+        cells = [cell(*counts(results_of(by_seed[s]).get(n))) if s in by_seed else "-" for s in seeds]
+        lines.append(f"| {label} | N={n} | " + " | ".join(cells) + f" | {cell(*pooled(runs, n))} |")
     return "\n".join(lines)
 
 
 def difficulty_table(results: list[dict], name: str) -> str:
     """Rows: trained N (seeds pooled, at its own N); columns: difficulty."""
-    diffs = sorted({d for r in results for ev in r["eval"].values() for d in ev.get("by_difficulty", {})},
-                   key=_num)
+    diffs = sorted({d for r in results for ev in results_of(r).values() for d in difficulties(ev)}, key=_num)
     lines = ["| trained | evaluated at | " + " | ".join(f"{name}={d}" for d in diffs) + " |",
              "|---|---|" + "---|" * len(diffs)]
     for label, runs in group(results).items():
-        n_key = own_n(runs[0])
-        lines.append(f"| {label} | {n_key} | " + " | ".join(cell(*pooled(runs, n_key, d)) for d in diffs) + " |")
+        n = own_n(runs[0])
+        lines.append(f"| {label} | N={n} | " + " | ".join(cell(*pooled(runs, n, d)) for d in diffs) + " |")
     return "\n".join(lines)
 
 
 def cross_table(results: list[dict]) -> str:
     """Rows: trained N (seeds pooled); columns: N at evaluation."""
-    ns = sorted({k for r in results for k in r["eval"]}, key=passes_of)
-    lines = ["| trained | " + " | ".join(f"eval {n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
+    ns = sorted({n for r in results for n in results_of(r)})
+    lines = ["| trained | " + " | ".join(f"eval N={n}" for n in ns) + " |", "|---|" + "---|" * len(ns)]
     for label, runs in group(results).items():
         lines.append(f"| {label} | " + " | ".join(cell(*pooled(runs, n)) for n in ns) + " |")
     return "\n".join(lines)
@@ -126,11 +141,11 @@ def verdict(results: list[dict], chance: float) -> list[str]:
     out = []
     if base is None:
         return ["(no N=1 model in this study: no comparison against the awake-only baseline)"]
-    c1, t1 = pooled(base, "N=1")
+    c1, t1 = pooled(base, 1)
     lo1, hi1 = wilson(c1, t1)
     for label, runs in groups.items():
-        n_key = own_n(runs[0])
-        c, t = pooled(runs, n_key)
+        n = own_n(runs[0])
+        c, t = pooled(runs, n)
         lo, hi = wilson(c, t)
         if label != "N=1":
             if lo > hi1:
@@ -139,12 +154,12 @@ def verdict(results: list[dict], chance: float) -> list[str]:
                 rel = "below N=1 beyond the intervals"
             else:
                 rel = "not separable from N=1 (intervals overlap)"
-            seeds_above = sum(_rate(*counts(r["eval"].get(n_key, {}))) > hi1 for r in runs)
+            seeds_above = sum(_rate(*counts(results_of(r).get(n))) > hi1 for r in runs)
             rel += f"; {seeds_above} of {len(runs)} seed(s) individually above N=1's interval"
         else:
             rel = "baseline"
         lo_c = "above chance" if lo > chance else "not above chance"
-        out.append(f"{label} at {n_key}: {c / max(t, 1):.3f} [{lo:.3f}, {hi:.3f}] — {rel}; {lo_c} "
+        out.append(f"{label} at N={n}: {c / max(t, 1):.3f} [{lo:.3f}, {hi:.3f}] — {rel}; {lo_c} "
                    f"(chance {chance:g}).")
     return out
 
@@ -179,9 +194,14 @@ def compare(reference: list[dict], results: list[dict]) -> tuple[str, bool]:
         if old is None:
             lines.append(f"| {r['name']} | - | (not in the reference) | - | new run |")
             continue
-        for n_key in sorted(set(r["eval"]) & set(old["eval"]), key=passes_of):
-            (c0, t0), (c1, t1) = counts(old["eval"][n_key]), counts(r["eval"][n_key])
+        ref_res, new_res = results_of(old), results_of(r)
+        for n in sorted(set(ref_res) & set(new_res)):
+            (c0, t0), (c1, t1) = counts(ref_res[n]), counts(new_res[n])
             lo, hi = wilson(c0, t0)
+            if ref_res[n].get("legacy") and (new_res[n].get("overall") or {}).get("n_samples") != t1:
+                lines.append(f"| {r['name']} | N={n} | {cell(c0, t0)} (per sample) | {cell(c1, t1)} (per unit) | "
+                             "not comparable: the reference scored whole samples |")
+                continue
             if (c0, t0) == (c1, t1):
                 status = "identical"
             elif t1 and lo <= _rate(c1, t1) <= hi:
@@ -190,7 +210,7 @@ def compare(reference: list[dict], results: list[dict]) -> tuple[str, bool]:
                 status = "**no**: outside the reference interval"
                 failed += 1
             compared += 1
-            lines.append(f"| {r['name']} | {n_key} | {cell(c0, t0)} | {cell(c1, t1)} | {status} |")
+            lines.append(f"| {r['name']} | N={n} | {cell(c0, t0)} | {cell(c1, t1)} | {status} |")
     rerun = {r["name"] for r in results}
     lines += [f"| {name} | - | in the reference | (not rerun) | - |" for name in ref if name not in rerun]
     ok = compared > 0 and failed == 0
@@ -203,7 +223,7 @@ def _rate(correct: float, n: int) -> float:
     return correct / n if n else 0.0
 
 
-def _errorbar(ax, points: list[tuple[float, tuple[float, int]]], color, label: str) -> None:
+def errorbar(ax, points: list[tuple[float, tuple[float, int]]], color, label: str) -> None:
     """Accuracy points ``(x, (correct, n))`` with their Wilson intervals as error bars."""
     points = [(x, c, n) for x, (c, n) in points if n]
     ys = [c / n for _, c, n in points]
@@ -228,23 +248,28 @@ def plot(results: list[dict], path: Path, *, chance: float, name: str, title: st
                 steps, loss = zip(*r["curve"])
                 axes[0].plot(steps, loss, color=color, alpha=0.8, ls="-" if j == 0 else "--",
                              label=f"{label} seed {r['seed']}")
-        ns = sorted({k for r in runs for k in r["eval"]}, key=passes_of)
-        _errorbar(axes[1], [(passes_of(n), pooled(runs, n)) for n in ns], color, f"trained {label}")
-        n_key = own_n(runs[0])
-        diffs = sorted({d for r in runs for d in r["eval"].get(n_key, {}).get("by_difficulty", {})}, key=_num)
-        _errorbar(axes[2], [(float(d), pooled(runs, n_key, d)) for d in diffs], color, f"{label} at {n_key}")
+        ns = sorted({n for r in runs for n in results_of(r)})
+        errorbar(axes[1], [(n, pooled(runs, n)) for n in ns], color, f"trained {label}")
+        n = own_n(runs[0])
+        diffs = sorted({d for r in runs for d in difficulties(results_of(r).get(n))}, key=_num)
+        errorbar(axes[2], [(float(d), pooled(runs, n, d)) for d in diffs], color, f"{label} at N={n}")
     axes[0].set(title="training loss (answer tokens)", xlabel="step", ylabel="cross-entropy")
     axes[1].set(title="exact match vs N at evaluation (seeds pooled, 95% CI)", xlabel="N at evaluation",
                 ylabel="accuracy")
     axes[2].set(title=f"exact match vs {name} (own N, seeds pooled, 95% CI)", xlabel=name, ylabel="accuracy")
-    finish_figure(fig, axes, path, chance=chance, title=title)
+    finish_figure(fig, axes, path, chance=chance, title=title, integer_x=(0, 1, 2))
 
 
-def finish_figure(fig, axes, path: Path, *, chance: float, title: str, dpi: int = 100) -> None:
+def finish_figure(fig, axes, path: Path, *, chance: float, title: str, dpi: int = 100,
+                  integer_x: tuple[int, ...] = ()) -> None:
     """The common ending of the accuracy figures (study and demo): panels after the first are
-    accuracies, so they get the chance line and a 0..1 range; then legends, title, save."""
+    accuracies, so they get the chance line and a 0..1 range; the panels ``integer_x`` (N, t, ...) get
+    integer ticks only; then legends, title, save."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
+    for i in integer_x:
+        axes[i].xaxis.set_major_locator(MaxNLocator(integer=True))
     for ax in axes[1:]:
         ax.axhline(chance, color="gray", ls=":", lw=1, label=f"chance ({chance:g})")
         ax.set_ylim(0, 1.02)

@@ -17,35 +17,13 @@ A micro-batch is ``dict(input_ids [B,T] long, loss_mask [B,T] bool, doc_ids [B,T
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from megasleep.config import ConfigError
-
-
-def collate(samples: Sequence[dict], pad_id: int = 0) -> dict[str, Any]:
-    """Stack samples (numpy, the data stack's format) into a right-padded batch of tensors."""
-    T = max(int(s["input_ids"].shape[0]) for s in samples)
-    B = len(samples)
-    ids = np.full((B, T), pad_id, dtype=np.int64)
-    mask = np.zeros((B, T), dtype=bool)
-    docs = np.zeros((B, T), dtype=np.int64)
-    for b, s in enumerate(samples):
-        n = int(s["input_ids"].shape[0])
-        ids[b, :n] = s["input_ids"]
-        mask[b, :n] = np.asarray(s["loss_mask"]).astype(bool)
-        starts = np.asarray(s.get("doc_starts", [0]), dtype=np.int64)
-        marks = np.zeros(T, dtype=np.int64)
-        marks[starts[1:]] = 1
-        if n < T:
-            marks[n] = 1  # padding is its own document
-        docs[b] = np.cumsum(marks)
-    return {"input_ids": torch.from_numpy(ids), "loss_mask": torch.from_numpy(mask),
-            "doc_ids": torch.from_numpy(docs), "meta": [dict(s["meta"]) for s in samples]}
+from megasleep.data.sample import collate
 
 
 def manifest_tokenizer(paths) -> Any:
@@ -123,7 +101,7 @@ class TaskStream(StepData):
         out = []
         for a in range(self.accum):
             first = step * self.global_batch + (a * self.world + self.rank) * self.micro
-            out.append(collate([self.sample(first + j) for j in range(self.micro)], self.tokenizer.pad_id))
+            out.append(as_batch(collate([self.sample(first + j) for j in range(self.micro)], self.tokenizer.pad_id)))
         return out
 
     def state_dict(self) -> dict:
@@ -195,7 +173,8 @@ class ShardStream(StepData):
 
 
 def as_batch(b: dict) -> dict:
-    """Normalise a loader batch to long / bool tensors (doc_ids made if absent)."""
+    """A collated batch (:func:`megasleep.data.sample.collate`, numpy or torch) as long / bool tensors
+    (doc_ids made if absent)."""
     ids = torch.as_tensor(b["input_ids"]).long()
     mask = torch.as_tensor(b["loss_mask"]).bool()
     docs = b.get("doc_ids")

@@ -160,17 +160,19 @@ class SleepTrainModule(nn.Module):
         self.time_sleep = False
 
     def forward(self, input_ids, loss_mask, doc_ids, sleep_cfg: SleepConfig, step: int | None = None,
-                return_logits: bool = False) -> SleepOutput:
-        runner = TimedSleepRunner(self.model, sleep_cfg, sync=self.time_sleep and input_ids.is_cuda)
+                return_logits: bool = False, runner_cls: type[SleepRunner] | None = None) -> SleepOutput:
+        """``runner_cls``: another sleep loop to run through the engine (the validator's scoring runner)."""
+        runner = (TimedSleepRunner(self.model, sleep_cfg, sync=self.time_sleep and input_ids.is_cuda)
+                  if runner_cls is None else runner_cls(self.model, sleep_cfg))
         ctx = (torch.autocast(input_ids.device.type, dtype=self.autocast_dtype)
                if self.autocast_dtype is not None else contextlib.nullcontext())
         t0 = time.perf_counter()
         with ctx:
             out = runner(input_ids, loss_mask, doc_ids, step, return_logits)
-        if runner.sync:
+        if getattr(runner, "sync", False):
             torch.cuda.synchronize()
         out.extras["forward_seconds"] = time.perf_counter() - t0
-        out.extras["sleep_seconds"] = runner.sleep_seconds
+        out.extras["sleep_seconds"] = getattr(runner, "sleep_seconds", 0.0)
         return out
 
 

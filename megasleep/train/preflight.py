@@ -8,6 +8,7 @@ queueing ranks; the trainer calls it again, with the real world size, before bui
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from megasleep.config import ConfigError, resolve_path
@@ -27,7 +28,8 @@ def check_paths(cfg: ExperimentConfig) -> None:
             paths = getattr(cfg.data, key)
             if paths:
                 try:
-                    resolve_shards(paths)
+                    # sizes on every rank; sha256 once per shard set, by rank 0 (or the login node) alone
+                    resolve_shards(paths, verify="once" if os.environ.get("RANK", "0") == "0" else None)
                 except FileNotFoundError as exc:
                     raise ConfigError(f"{cfg.source}: data.{key}: {exc}") from None
     if cfg.checkpoint.init_from and not (resolve_path(cfg.checkpoint.init_from) / "config.json").is_file():

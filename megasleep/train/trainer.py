@@ -87,7 +87,7 @@ class Trainer:
             self.tokenizer = self.build_tokenizer()
             self.model = self.build_model()
             self.train_data = self.build_data()
-            self.eval_batches = self.build_eval_data()
+            self.validator = self.build_validator()
             self.optimizer = self.build_optimizer()
             self.module = ds_engine.SleepTrainModule(self.model, self.autocast_dtype)
             self.engine = self.build_engine()
@@ -211,46 +211,14 @@ class Trainer:
         return ShardStream(d, micro_batch=t.micro_batch_size, global_batch=t.global_batch_size, rank=self.rank,
                            world=self.world, seed=t.seed, tokenizer_hash=self._tok_hash())
 
-    def build_eval_data(self) -> list[dict]:
-        """This rank's evaluation batches; every rank gets the same number (ZeRO-3 forwards are
-        collective)."""
-        batches = self._eval_batches()
-        if self.world > 1:
-            n = torch.tensor([len(batches)], device=self.device)
-            dist.all_reduce(n, op=dist.ReduceOp.MIN)
-            batches = batches[:int(n.item())]
-        if not batches and self.rank == 0 and (self.cfg.eval.at_end or self.cfg.eval.every):
-            print(f"[megasleep] warning: no evaluation batches (eval.samples={self.cfg.eval.samples}, "
-                  f"batch size {self.cfg.eval.batch_size or self.cfg.train.micro_batch_size}, {self.world} ranks): "
-                  "evaluation is skipped", file=sys.stderr, flush=True)
-        return batches
+    def build_validator(self):
+        from megasleep.eval.harness import CollectingRunner
+        from megasleep.train.validate import build_validator
 
-    def _eval_batches(self) -> list[dict]:
-        from megasleep.train.data import collate, task_eval_samples
+        def forward(ids, mask, docs, sleep_cfg):  # through the engine: ZeRO-3 gathers parameters as in training
+            return self.engine(ids, mask, docs, sleep_cfg, None, False, runner_cls=CollectingRunner)
 
-        e, d = self.cfg.eval, self.cfg.data
-        bs = e.batch_size or self.cfg.train.micro_batch_size
-        if d.source == "task":
-            samples = task_eval_samples(d.task.name, self.tokenizer, seed=d.task.seed,
-                                        difficulty=d.task.eval_difficulty or d.task.difficulty,
-                                        params=d.task.params, n=e.samples)
-            mine = samples[self.rank::self.world]
-            return [collate(mine[i:i + bs], self.tokenizer.pad_id) for i in range(0, len(mine), bs)]
-        if not d.val:
-            return []
-        from megasleep.data.loader import build_loader
-        from megasleep.train.data import as_batch, loader_config
-
-        # every rank reads the whole (small) validation set and keeps batches rank, rank + world, ...
-        loader = build_loader(loader_config(d, "val", bs, 0, self._tok_hash()), 0, 1)
-        want = math.ceil(math.ceil(e.samples / bs) / self.world) * self.world  # batches, all ranks
-        out = []
-        for i, b in enumerate(loader):
-            if i >= want:
-                break
-            if i % self.world == self.rank:
-                out.append(as_batch(b))
-        return out
+        return build_validator(self.cfg, self.tokenizer, forward, self.rank, self.world, self.device)
 
     def _tok_hash(self) -> str | None:
         return self.tokenizer.hash if self.tokenizer is not None else None
@@ -475,28 +443,14 @@ class Trainer:
             out["lr_groups"] = rec["lrs"]
         self.metrics.log(self.step, out)
 
-    def evaluate(self) -> dict:
-        from megasleep.train.evaluate import evaluate
-
-        if not self.eval_batches:
-            return {}
+    def evaluate(self) -> list[dict]:
+        if not self.validator:
+            return []
         self.engine.eval()
-
-        def fwd(batch, sleep_cfg):
-            return self.engine(batch["input_ids"], batch["loss_mask"], batch["doc_ids"], sleep_cfg, None, True)
-
         try:
-            res = evaluate(fwd, self.eval_batches, self.cfg.sleep, self.cfg.eval.passes, self.device)
+            return self.validator.validate(self.step, self.metrics, self.run_dir if self.rank == 0 else None)
         finally:
             self.engine.train()
-        from megasleep.train.evaluate import summary_line
-
-        self.metrics.log(self.step, res, kind="eval")
-        self.metrics.write(f"[eval step {self.step}] {summary_line(res)}")
-        if self.rank == 0:
-            with open(self.run_dir / "eval.jsonl", "a") as f:
-                f.write(json.dumps({"step": self.step, "results": res}) + "\n")
-        return res
 
     def export(self) -> Path | None:
         from megasleep.checkpoint.deepspeed import consolidated_from_zero, export_state_dict
@@ -569,7 +523,7 @@ class Trainer:
             if cfg.checkpoint.every and self.step % cfg.checkpoint.every == 0 and self.step < total \
                     and self.bad_in_row == 0:
                 self.save()
-            if cfg.eval.every and self.step % cfg.eval.every == 0 and self.step < total:
+            if self.validator.should_validate(self.step) and self.step < total:
                 self.evaluate()
         self.finish()
         return "done"
@@ -612,7 +566,7 @@ class Trainer:
     def finish(self) -> None:
         if self.last_saved_step != self.step:
             self.save()
-        if self.cfg.eval.at_end and self.eval_batches:
+        if self.cfg.eval.at_end and self.validator:
             res = self.evaluate()
             if self.rank == 0:
                 (self.run_dir / "eval.json").write_text(json.dumps({"step": self.step, "results": res}, indent=1))

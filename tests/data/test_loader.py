@@ -266,6 +266,27 @@ def test_bad_fraction_stops_naming_shards(damaged):
         run(build_loader(cfg))
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_corrupt_shards_after_the_last_full_batch_are_checked_and_counted(r110_data, tmp_path, workers):
+    """A finite epoch whose last shards are corrupt: they are read after the last full batch, yet they
+    count toward ``max_bad_fraction`` (2 of 8 > 0.1: the run stops naming them) and show in the stats."""
+    d = tmp_path / "tail"
+    shutil.copytree(r110_data[0] / "train", d)
+    for k in (6, 7):
+        (d / f"shard-00000{k}.tar").write_bytes(np.random.default_rng(k).bytes(20000))
+    cfg = {"datasets": [str(d)], "batch_size": 8, "num_workers": workers, "epochs": 1, "shuffle_shards": False,
+           "shuffle_buffer": 0, "warn_bad": False}
+    with pytest.raises(BadDataError, match=r"shard-00000[67]\.tar"):
+        run(build_loader({**cfg, "max_bad_fraction": 0.1}))
+    loader = build_loader({**cfg, "max_bad_fraction": 0.5})
+    assert len(run(loader)) == 6 * 40 // 8
+    stats = loader.stats()  # after the finished epoch
+    assert stats["bad_shards"] == 2 and stats["assigned"] == 8
+    assert sorted(n.rsplit("/", 1)[1] for n in stats["bad_shard_names"]) == ["shard-000006.tar", "shard-000007.tar"]
+    run(loader)  # the next epoch adds its own counts, once
+    assert (loader.stats()["bad_shards"], loader.stats()["assigned"]) == (4, 16)
+
+
 def test_missing_shard_empty_glob_fail_early(r110_data, tmp_path):
     d = tmp_path / "miss"
     shutil.copytree(r110_data[0] / "val", d)

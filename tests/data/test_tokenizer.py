@@ -92,3 +92,91 @@ def test_task_tokenizers_are_reproducible(tmp_path, gsm_tok, depo_tok):
 
     assert make_task_tokenizer("gsm", tmp_path).hash == gsm_tok.hash
     assert get_task("depo").make_task_tokenizer(tmp_path).hash == depo_tok.hash
+
+
+CODE = '''class Stack:
+    """A stack.
+
+    >>> Stack().push(3)
+    """
+
+    def __init__(self):
+        self.items = []  # two  spaces   here
+
+\tdef tabbed(self, x):
+        if x:
+            return   x * 1024
+
+
+'''
+MATHS = ("Let  f(x) = 3x^2 + 2x - 7.\n\n"
+         "    \\int_0^1 f(x)\\,dx = 1 + 1 - 7 = -5\n"
+         "  | a_11  a_12 |\n  | a_21  a_22 |   (det = a_11 a_22 - a_12 a_21)\n"
+         "∑_{i=1}^{n} i = n(n+1)/2,   π ≈ 3.14159   \n")
+
+
+@pytest.fixture(scope="module")
+def intact_tok(tmp_path_factory):
+    """Default options, trained on code and maths text."""
+    texts = [CODE.replace("Stack", f"Stack{i}").replace("1024", str(i * 37)) for i in range(40)] + [MATHS] * 20
+    return train_tokenizer(tmp_path_factory.mktemp("intact") / "tok", texts=texts, vocab_size=400,
+                           hard_vocab_limit=False, num_threads=1)
+
+
+@pytest.mark.parametrize("text", [CODE, MATHS, "  leading spaces", "\n\nnewlines first", "x", "trailing \t \n"],
+                         ids=["code", "maths", "leading", "newlines", "one-char", "trailing"])
+def test_default_tokenizer_keeps_text_intact(intact_tok, text):
+    assert intact_tok.decode(intact_tok.encode(text)) == text
+    assert UNK_ID not in intact_tok.encode(text + " Zürich ✓ 東京")  # byte fallback
+
+
+def test_default_tokenizer_splits_digits_and_learns_whitespace_pieces(intact_tok):
+    pieces = [intact_tok.id_to_piece(i) for i in intact_tok.encode("x = 12345")]
+    assert [p for p in pieces if p.isdigit()] == list("12345")
+    assert any(set(p) == {"\u2581"} and len(p) >= 4 for p in (intact_tok.id_to_piece(i)
+                                                              for i in range(intact_tok.vocab_size)))
+
+
+def test_normalizing_tokenizer_loses_layout(tmp_path):
+    """What keep_whitespace=False (sentencepiece's defaults, used by task tokenizers) does to code."""
+    tok = train_tokenizer(tmp_path / "norm", texts=[CODE] * 20, vocab_size=400, hard_vocab_limit=False,
+                          num_threads=1, keep_whitespace=False)
+    assert tok.decode(tok.encode(CODE)) != CODE
+
+
+def test_tokenizer_cli_trains_a_directory_tree_and_keeps_code(tmp_path):
+    """A directory of mixed files: every readable file is read (nested ones too), skips are reported."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = tmp_path / "corpus"
+    (src / "pkg" / "sub").mkdir(parents=True)
+    (src / "pkg" / "__pycache__").mkdir()
+    for i in range(12):
+        (src / "pkg" / "sub" / f"m{i}.py").write_text(CODE.replace("Stack", f"Stack{i}"))
+    (src / "notes.md").write_text("# Notes\n\n* one\n* two\n")
+    (src / "README").write_text(MATHS)
+    (src / "pkg" / "__pycache__" / "m.cpython-311.pyc").write_bytes(b"\0\1\2")
+    (src / "lib.so").write_bytes(b"\x7fELF\0\0")
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, str(root / "data_pipelines/train_tokenizer.py"), "--input", str(src),
+                        "--vocab-size", "400", "--out", str(tmp_path / "tok")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "read 14 files" in r.stderr and "14 documents" in r.stderr
+    assert "lib.so" in r.stderr and "__pycache__" in r.stderr
+    tok = load_tokenizer(tmp_path / "tok.model")
+    assert tok.decode(tok.encode(CODE)) == CODE
+    # a glob of *.py (recursive) works too; a glob matching nothing is one clear line, exit code 2
+    r = subprocess.run([sys.executable, str(root / "data_pipelines/train_tokenizer.py"), "--input",
+                        str(src / "**" / "*.py"), "--vocab-size", "400", "--out", str(tmp_path / "tok2")],
+                       capture_output=True, text=True)
+    assert r.returncode == 0 and "read 12 files" in r.stderr, r.stderr
+    r = subprocess.run([sys.executable, str(root / "data_pipelines/train_tokenizer.py"), "--input",
+                        str(src / "*.nothing"), "--out", str(tmp_path / "tok3")], capture_output=True, text=True)
+    assert r.returncode == 2 and "no file matches" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_too_small_vocabulary_is_one_clear_line(tmp_path):
+    with pytest.raises(ValueError, match=r"vocab_size=100 is too small for this corpus: it needs at least \d+ pieces"):
+        train_tokenizer(tmp_path / "small", texts=["def f(x):\n    return x\n"] * 10, vocab_size=100, num_threads=1)

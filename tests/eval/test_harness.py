@@ -72,11 +72,14 @@ def test_eval_on_task_shards_writes_json_csv_png(r110, tmp_path):
         assert sum(b["n_samples"] for b in r["buckets"]) == 24 == r["overall"]["n_units"]
         for b in r["buckets"] + [r["overall"]]:
             assert b["ci_low"] <= b["accuracy"] <= b["ci_high"] and b["answer_loss"] > 0
+            assert b["wilson_low"] <= b["accuracy"] <= b["wilson_high"] and b["accuracy"] == b["correct"] / b["n_units"]
         # T = 101, L = 24: 5 windows; only the last holds the labels; N-1 sleeps before 4 evictions
         assert len(r["windows"]) == 5 and [w["tokens"] for w in r["windows"]] == [0, 0, 0, 0, 96]
         assert r["forwards"] == 2 * (5 + 4 * (r["passes"] - 1))  # 24 samples in 2 batches of <= 16
     header = (out / "buckets.csv").read_text().splitlines()[0]
-    assert header.startswith("passes,difficulty_name,difficulty,n_samples,n_units,accuracy,ci_low,ci_high,answer_loss")
+    assert header.startswith("passes,difficulty_name,difficulty,n_samples,n_units,correct,accuracy,ci_low,ci_high,"
+                             "wilson_low,wilson_high,answer_loss")
+    assert s["chance"] == 0.5 ** 4  # Rule 110 with 4 labels: guessing every bit
     assert len((out / "samples.jsonl").read_text().splitlines()) == 3 * 24
 
     # --max-examples and compare
@@ -198,13 +201,13 @@ def test_text_shards_per_window_loss_and_adaptive(tmp_path):
         assert [w["window"] for w in res["windows"]] == [0, 1, 2]
         # independent: full logits, CE per target token, token-weighted per window
         sums, counts = np.zeros(3), np.zeros(3)
-        for _, ids, mask, docs, _ in batches(samples, 4):
-            ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+        for _, b in batches(samples, 4):
+            ids_t, mask_t = torch.from_numpy(b["input_ids"]), torch.from_numpy(b["loss_mask"])
             cfg = SleepConfig(window=16, passes=res["passes"], adaptive_tol=0.05)
             with torch.no_grad():
-                lg = sleep_forward(model, ids_t, cfg, loss_mask=mask_t,
-                                   doc_ids=None if docs is None else torch.from_numpy(docs), return_logits=True).logits
-            ce = F.cross_entropy(lg[:, :-1].flatten(0, 1), ids_t[:, 1:].flatten(), reduction="none").view(len(ids), -1)
+                lg = sleep_forward(model, ids_t, cfg, loss_mask=mask_t, doc_ids=torch.from_numpy(b["doc_ids"]),
+                                   return_logits=True).logits
+            ce = F.cross_entropy(lg[:, :-1].flatten(0, 1), ids_t[:, 1:].flatten(), reduction="none").view(len(ids_t), -1)
             tm = mask_t[:, 1:]
             for w in range(3):
                 sl = slice(16 * w, 16 * (w + 1))  # CE at position t (target t+1) belongs to t's window

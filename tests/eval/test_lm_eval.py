@@ -83,6 +83,8 @@ def test_lm_eval_cli_with_megasleep_model(setup):
     wppl = out["megasleep_tiny_ppl"]["word_perplexity,none"]
     assert 0.0 <= acc <= 1.0 and 0.0 <= em <= 1.0 and wppl > 1.0
     assert res["config"]["model"] == "megasleep"
+    if not torch.cuda.is_available():  # the record names the device really used
+        assert res["config"]["device"] == "cpu"
     gen = [json.loads(x) for f in (d / "out").rglob("samples_megasleep_tiny_gen_*.jsonl") for x in f.read_text().splitlines()]
     assert len(gen) == 2 and all(isinstance(g["resps"][0][0], str) for g in gen)
 
@@ -99,3 +101,40 @@ def test_lm_eval_cli_with_megasleep_model(setup):
         total_ll -= float(F.cross_entropy(lg[0, :-1], ids[0, 1:], reduction="sum"))
         words += len(re.split(r"\s+", t))
     assert wppl == pytest.approx(math.exp(-total_ll / words), rel=1e-4)
+
+
+def test_unknown_model_args_are_one_line_errors(setup):
+    """A typo (sleep_pass for sleep_passes) must not run at another N: exit code 2, the key named."""
+    d = setup["dir"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(d / "hf"), "HF_DATASETS_OFFLINE": "1",
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "megasleep.eval.lm_eval_cli", "--model", "megasleep", "--model_args",
+           f"pretrained={setup['ck']},sleep_pass=4", "--tasks", "megasleep_tiny_mc", "--include_path",
+           str(setup["tasks"])]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=d)
+    assert r.returncode == 2, r.stderr[-3000:]
+    last = r.stderr.strip().splitlines()[-1]
+    assert "unknown model_args 'sleep_pass' (did you mean 'sleep_passes'?)" in last
+    assert "Traceback" not in r.stderr
+
+
+def test_device_defaults_to_cpu_without_cuda():
+    from megasleep.eval.lm_eval_adapter import unknown_args_message
+    from megasleep.eval.lm_eval_cli import _with_device
+
+    run = ["--model", "megasleep", "--tasks", "x"]
+    assert _with_device(run, cuda=False) == [*run, "--device", "cpu"]
+    assert _with_device(["run", *run], cuda=False)[-2:] == ["--device", "cpu"]
+    assert _with_device(run, cuda=True) == run  # lm_eval's own default (cuda:0) is then true
+    assert _with_device([*run, "--device", "cuda:1"], cuda=False)[-1] == "cuda:1"  # the adapter refuses it
+    assert _with_device(["ls", "tasks"], cuda=False) == ["ls", "tasks"]
+    assert "did you mean 'window'" in unknown_args_message(["windw"])
+
+
+def test_cuda_device_without_cuda_is_an_error(setup):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: device=cuda is valid here")
+    from megasleep.eval.lm_eval_adapter import MegasleepLM
+
+    with pytest.raises(ValueError, match="CUDA is not available"):
+        MegasleepLM(pretrained=str(setup["ck"]), device="cuda:0")

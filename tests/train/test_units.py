@@ -74,18 +74,6 @@ def test_task_stream_global_batch_does_not_depend_on_the_split(tmp_path):
     assert [i for i, _ in one] == list(range(40, 48))
 
 
-def test_answer_exact_match():
-    from megasleep.train.evaluate import answer_correct
-
-    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 8]])
-    logits = torch.zeros(2, 4, 10)
-    logits[0, 1, 7] = logits[0, 2, 8] = 1  # predicts 7 then 8: right
-    logits[1, 1, 7] = logits[1, 2, 9] = 1  # second answer token wrong
-    got = answer_correct(logits, ids, [{"answer_positions": [2, 3]}, {"answer_positions": [2, 3]}])
-    assert got == [True, False]
-    assert answer_correct(logits, ids, [{}, {"answer_positions": []}]) == [None, None]
-
-
 def test_flops_scale_with_passes():
     from megasleep.models import HybridLM
     from megasleep.train.metrics import FlopCounter

@@ -466,6 +466,7 @@ def make_task_tokenizer(out_dir, vocab_size: int = 2000, **_params):
     from megasleep.data.tokenizer import train_tokenizer
 
     return train_tokenizer(Path(out_dir) / f"{NAME}.model", texts=corpus_texts(), vocab_size=vocab_size,
+                           keep_whitespace=False,  # one-line problems: the compact normalising model
                            model_type="bpe", byte_fallback=True, split_digits=True,
                            user_defined_symbols=[str(d) for d in range(10)], num_threads=1,
                            hard_vocab_limit=False, max_chars=None)
