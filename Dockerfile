@@ -5,9 +5,13 @@
 #   docker run --gpus all --rm -v $PWD/runs:/workspace/megasleep/runs megasleep \
 #       torchrun --standalone --nproc-per-node 8 -m megasleep.train.cli configs/experiments/rule110-t32.yaml
 #
-# The base image's torch is used as is (pyproject does not pin torch); mamba-ssm, causal-conv1d and
-# DeepSpeed are built against it with --no-build-isolation (an isolated build would pull another torch).
-ARG BASE_IMAGE=pytorch/pytorch:2.5.1-cuda12.4-cudnn9-devel
+# Every Python package version comes from launch/constraints-cuda.txt (the same file launch/install.sh
+# uses on GPU machines): torch 2.13.0 with triton 3.7.1, which mamba-ssm needs (>= 3.5) and with
+# which FLA runs its gated-delta-rule backward on Hopper (it refuses 3.4.0 <= triton < 3.7.1).
+# torch is installed first and the kernel packages are compiled against it with --no-build-isolation
+# and the same constraints, so nothing can swap torch after the kernels are built.
+# torch 2.13.0's PyPI wheels are CUDA 13.0 builds: the host needs an NVIDIA driver >= 580.
+ARG BASE_IMAGE=nvidia/cuda:13.0.1-cudnn-devel-ubuntu24.04
 FROM ${BASE_IMAGE}
 
 ARG CUDA_ARCHS="8.0;8.6;9.0"
@@ -18,37 +22,49 @@ ENV DEBIAN_FRONTEND=noninteractive \
     TORCH_CUDA_ARCH_LIST=${CUDA_ARCHS} \
     MAX_JOBS=${MAX_JOBS} \
     HF_HUB_OFFLINE=1 \
-    WANDB_MODE=offline
+    WANDB_MODE=offline \
+    VIRTUAL_ENV=/opt/venv \
+    PATH=/opt/venv/bin:${PATH}
 
 SHELL ["/bin/bash", "-o", "pipefail", "-c"]
 
-# build tools for the CUDA extensions; versions follow the base image's Ubuntu release
+# Python 3.12 (Ubuntu 24.04's) in a venv, and build tools for the CUDA extensions; apt versions
+# follow the base image's Ubuntu release
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends git build-essential ninja-build \
-    && rm -rf /var/lib/apt/lists/*
+    && apt-get install -y --no-install-recommends python3 python3-dev python3-venv git build-essential ninja-build \
+    && rm -rf /var/lib/apt/lists/* \
+    && python3 -m venv /opt/venv
+
+COPY launch/constraints-cuda.txt /opt/megasleep/constraints-cuda.txt
+
+# torch first: the kernel packages' setup.py imports it (versions: the constraints file)
+# hadolint ignore=DL3013
+RUN pip install --no-cache-dir -c /opt/megasleep/constraints-cuda.txt torch triton packaging wheel setuptools ninja
 
 # kernel packages, compiled from source for CUDA_ARCHS (FORCE_BUILD: no guessed prebuilt wheel)
+# hadolint ignore=DL3013
 RUN MAMBA_FORCE_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
-    pip install --no-cache-dir --no-build-isolation \
-        packaging==24.2 wheel==0.45.1 \
-        causal-conv1d==1.7.0 \
-        mamba-ssm==2.3.2.post1 \
-    && pip install --no-cache-dir fla-core==0.6.0 \
+    pip install --no-cache-dir --no-build-isolation -c /opt/megasleep/constraints-cuda.txt \
+        causal-conv1d mamba-ssm "fla-core[cuda]" \
     && python -c "import causal_conv1d_cuda, selective_scan_cuda; print('kernels built')"
 
 # DeepSpeed: its CUDA ops are JIT-compiled on first use (the trainer uses torch's AdamW / DeepSpeed's Muon,
 # which need none); DS_BUILD_OPS=0 keeps the install fast and the image small
-RUN DS_BUILD_OPS=0 pip install --no-cache-dir --no-build-isolation deepspeed==0.19.8
+# hadolint ignore=DL3013
+RUN DS_BUILD_OPS=0 pip install --no-cache-dir --no-build-isolation -c /opt/megasleep/constraints-cuda.txt deepspeed
 
 WORKDIR /workspace/megasleep
 # dependencies first (cached while only the code changes)
 COPY pyproject.toml README.md ./
 COPY megasleep/__init__.py megasleep/py.typed ./megasleep/
-RUN pip install --no-cache-dir --no-build-isolation -e ".[test]"
+RUN pip install --no-cache-dir --no-build-isolation -c /opt/megasleep/constraints-cuda.txt -e ".[test]" \
+    && python -c "import importlib.metadata as m; pins = [l.strip().split('==') for l in open('/opt/megasleep/constraints-cuda.txt') if '==' in l and not l.startswith('#')]; bad = [(n, v, m.version(n)) for n, v in pins if m.version(n).split('+')[0] != v]; assert not bad, f'installed versions differ from the constraints: {bad}'"
 COPY . .
 
-RUN useradd --create-home --uid 1000 megasleep \
+# Ubuntu 24.04 images come with a user 'ubuntu' holding uid 1000
+RUN if id ubuntu >/dev/null 2>&1; then userdel --remove ubuntu; fi \
+    && useradd --create-home --uid 1000 megasleep \
     && mkdir -p runs results \
     && chown -R megasleep:megasleep /workspace/megasleep
 USER 1000:1000

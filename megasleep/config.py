@@ -14,6 +14,7 @@ nest.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -66,21 +67,24 @@ def apply_overrides(data: dict[str, Any], overrides: Iterable[str]) -> dict[str,
     return data
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """A YAML (or JSON: YAML reads it) config file as a mapping."""
+def read_config_file(path: str | Path) -> dict[str, Any]:
+    """A config file as a mapping: YAML, or JSON for ``*.json`` (exported ``config.json``, DeepSpeed's;
+    parsed as JSON because YAML 1.1 reads ``1e-05`` as a string)."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
+    is_json = path.suffix == ".json"
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid {'JSON' if path.suffix == '.json' else 'YAML'}: {exc}") from None
+        data = json.loads(path.read_text()) if is_json else yaml.safe_load(path.read_text()) or {}
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise ConfigError(f"{path}: not valid {'JSON' if is_json else 'YAML'}: {exc}") from None
     if not isinstance(data, dict):
-        raise ConfigError(f"{path}: top level must be a mapping, got {type(data).__name__}")
+        raise ConfigError(f"{path}: top level must be {'an object' if is_json else 'a mapping'}, "
+                          f"got {type(data).__name__}")
     return data
 
 
-read_config_file = read_yaml  # JSON is YAML: exported config.json files go through the same reader
+read_yaml = read_config_file  # the older name
 
 
 def resolve_path(path: str | Path, relative_to: Path | None = None) -> Path:
@@ -137,7 +141,7 @@ def load_config(schema: type[T], path: str | Path | None = None, overrides: Iter
     data: dict[str, Any] = dict(base or {})
     source = "<defaults>"
     if path is not None:
-        data.update(read_yaml(path))
+        data.update(read_config_file(path))
         source = str(path)
     overrides = list(overrides)
     if overrides:

@@ -81,6 +81,9 @@ def test_one_model_loader_for_every_file_that_holds_a_model(tmp_path):
     exported = tmp_path / "config.json"
     exported.write_text(json.dumps({**ref.model_dump(mode="json"), "sleep": {"window": 8}, "format": "megasleep"}))
     assert load_model_config(exp_path) == ref == load_model_config(exported)
+    from megasleep.config import read_config_file
+
+    assert read_config_file(exported)["norm_eps"] == 1e-05  # JSON floats stay floats (YAML 1.1: a string)
     assert load_model_config(exp_base) == ref.model_copy(update={"d_model": 128})
     with pytest.raises(ConfigError, match="model.base: model config file not found"):
         load_model_config(write(tmp_path, "model: {base: nope.yaml}\n", "exp3.yaml"))

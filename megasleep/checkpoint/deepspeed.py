@@ -61,17 +61,10 @@ def consolidated_from_zero(ckpt_dir: str | Path, tag: str | None = None) -> dict
     return strip_prefix(get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag))
 
 
-def _module_states(f: Path) -> dict[str, torch.Tensor]:
-    """The ``module`` state dict of a stage-0 ``mp_rank_00_model_states.pt``. This is a training checkpoint
-    written by our own trainer: DeepSpeed stores plain Python containers and its config next to the
-    tensors, which ``weights_only`` loading accepts; anything else is refused rather than executed."""
-    from megasleep.checkpoint.weights import load_pickled_weights
-
-    return strip_prefix(load_pickled_weights(f, key="module"))
-
-
-def read_training_checkpoint(ckpt_dir: Path, tag: str, config: str | None = None):
-    """(state dict, ModelConfig, sleep dict, tokenizer path, provenance) of a DeepSpeed checkpoint."""
+def read_training_checkpoint(ckpt_dir: Path, tag: str, config: str | None = None, trust: bool = False):
+    """(state dict, ModelConfig, sleep dict, tokenizer path, provenance) of a DeepSpeed checkpoint. Every
+    file is first verified weights-only (trust.py; ``trust`` skips that): zero_to_fp32 unpickles freely."""
+    from megasleep.checkpoint.trust import safe_load, verify_checkpoint
     from megasleep.config import validate
 
     tag_dir = ckpt_dir / tag
@@ -87,6 +80,7 @@ def read_training_checkpoint(ckpt_dir: Path, tag: str, config: str | None = None
     else:
         raise ValueError(f"{tag_dir}: no model config (no megasleep.json marker with config.model); "
                          f"pass --config MODEL.yaml")
+    verify_checkpoint(tag_dir, trust)
     zero_files = list(tag_dir.glob("*zero_pp_rank_*optim_states.pt")) + list(tag_dir.glob("zero_pp_rank_*"))
     if zero_files:
         state, how = consolidated_from_zero(ckpt_dir, tag), "zero_to_fp32"
@@ -94,10 +88,10 @@ def read_training_checkpoint(ckpt_dir: Path, tag: str, config: str | None = None
         f = tag_dir / "mp_rank_00_model_states.pt"
         if not f.is_file():
             raise FileNotFoundError(f"{tag_dir}: neither ZeRO shards nor mp_rank_00_model_states.pt")
-        state, how = _module_states(f), "model_states"
+        state, how = strip_prefix(safe_load(f, trust)["module"]), "model_states"
     tok = marker.get("tokenizer_path")
     source = {"kind": "deepspeed", "checkpoint": str(tag_dir.resolve()), "tag": tag, "step": marker.get("step"),
-              "consolidation": how}
+              "consolidation": how, "data": marker.get("data")}
     sleep = {k: v for k, v in dict(sleep or {}).items() if k in SLEEP_KEYS}
     return state, cfg, sleep, (Path(tok) if tok else None), source
 

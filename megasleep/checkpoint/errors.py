@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 
+class CheckpointError(RuntimeError):
+    """A training checkpoint cannot be used (missing, incomplete, or saved by a different world size)."""
+
+
 class PretrainedError(ValueError):
     """A checkpoint directory cannot be loaded (the message says which file / tensor and why)."""
 
@@ -27,5 +31,5 @@ class UnsupportedModelError(PretrainedError):
     """A foreign checkpoint whose family or setting megasleep cannot represent faithfully."""
 
 
-__all__ = ["MissingCheckpointFileError", "PretrainedError", "UnsafeCheckpointError", "UnsupportedModelError",
+__all__ = ["CheckpointError", "MissingCheckpointFileError", "PretrainedError", "UnsafeCheckpointError", "UnsupportedModelError",
            "WeightsMismatchError"]

@@ -95,9 +95,8 @@ def weights_files(path: str | os.PathLike) -> tuple[str, list[Path]]:
         f"files present: {_listing(p)})")
 
 
-def load_pickled_weights(path: str | os.PathLike, key: str | None = None) -> dict[str, torch.Tensor]:
-    """``torch.load(path, weights_only=True)``; anything needing arbitrary objects is refused.
-    ``key``: the state dict is that entry of the loaded dict (e.g. DeepSpeed's ``module``)."""
+def load_pickled_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """``torch.load(path, weights_only=True)``; anything needing arbitrary objects is refused."""
     path = Path(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -110,11 +109,7 @@ def load_pickled_weights(path: str | os.PathLike, key: str | None = None) -> dic
             f"safetensors from a trusted environment instead.") from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise PretrainedError(f"{path}: cannot read weights ({type(exc).__name__}: {exc})") from None
-    if key is not None:
-        if not isinstance(obj, dict) or key not in obj:
-            raise PretrainedError(f"{path}: no {key!r} entry (a DeepSpeed model-states file holds one)")
-        obj = obj[key]
-    elif isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise PretrainedError(f"{path}: expected a dict of tensors (a state dict), got {type(obj).__name__}")

@@ -7,7 +7,8 @@
     megasleep export --from-released HF_DIR --out DIR
 
 The formats live in ``megasleep.checkpoint`` (docs/checkpoint.md, docs/released.md); this module is the
-command line only.
+command line only. Every file of a DeepSpeed checkpoint is first verified weights-only
+(``megasleep.checkpoint.trust``; ``--trust-checkpoint`` skips that).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--window", type=int, default=None, help="record this training window L (if not in the marker)")
     p.add_argument("--passes", type=int, default=None, help="record this training N (if not in the marker)")
     p.add_argument("--eviction", choices=["hard", "sliding"], default=None)
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="unpickle the checkpoint without the weights-only check (only if you trust its author)")
 
 
 def main(args) -> int:
@@ -51,7 +54,7 @@ def main(args) -> int:
     if not args.checkpoint:
         raise ValueError("give a DeepSpeed checkpoint path or --from-released DIR")
     ckpt_dir, tag = resolve_checkpoint(args.checkpoint, args.tag)
-    state, cfg, sleep, tok, source = read_training_checkpoint(ckpt_dir, tag, args.config)
+    state, cfg, sleep, tok, source = read_training_checkpoint(ckpt_dir, tag, args.config, args.trust_checkpoint)
     tok = Path(args.tokenizer) if args.tokenizer else (tok if tok is not None and tok.is_file() else None)
     sleep = {**sleep, **sleep_args}
     out = save_state_dict_pretrained(state, cfg, args.out, tok, sleep=sleep or None, source=source,

@@ -1,4 +1,8 @@
-"""Sleep settings (SPEC §3): window L, passes N, eviction, and the three switches beyond the paper."""
+"""Sleep settings (docs/sleep.md): window L, passes N, eviction, and the switches beyond the paper.
+
+Every switch defaults to the paper's method; the remedies against feature collapse across sleep passes
+(``feedback_norm``, ``reinject``, ``truncate_mode="straight_through"``) are opt-in.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +23,16 @@ class SleepConfig(StrictModel):
     random_seed: int = 0
     truncate_backprop: int | None = Field(
         None, ge=0, description="only the last k sleep passes of each window carry gradient")
+    truncate_mode: Literal["detach", "straight_through"] = Field(
+        "detach", description="what a truncated pass does to the gradient: 'detach' cuts h and S (no "
+                              "gradient reaches the wake pass or the window's tokens); 'straight_through' "
+                              "adds the pass's change as a constant, so gradient flows on as through identity")
+    feedback_norm: bool = Field(
+        False, description="before each sleep pass rescale every position's fed-back features to the RMS "
+                           "of that position's wake-pass core input (parameter-free)")
+    reinject: bool = Field(
+        False, description="before each sleep pass add the window's core input (Embed, or the prelude's "
+                           "output) to the fed-back features, as Huginn re-injects its input")
     adaptive_tol: float | None = Field(
         None, gt=0, description="inference: stop sleeping once every state's relative change < tol")
     checkpoint: bool = Field(True, description="activation checkpointing per (window, pass) when training")

@@ -16,7 +16,7 @@ flow from pass to pass.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -101,8 +101,27 @@ class SleepRunner:
 
         return self._maybe_checkpoint(fn, h)
 
+    def feed_back(self, h: Tensor, core_input: Tensor | None) -> Tensor:
+        """What enters a sleep pass: the previous pass's features, by default unchanged (the paper's
+        method); ``reinject`` adds the window's core input, ``feedback_norm`` rescales each position to
+        the RMS of its core input (the scale the core saw on the wake pass)."""
+        cfg = self.cfg
+        if not (cfg.reinject or cfg.feedback_norm):
+            return h
+        if core_input is None:
+            raise ValueError("sleep.reinject / sleep.feedback_norm need the window's core input: "
+                             "pass core_input= to SleepRunner.end_window")
+        if cfg.reinject:
+            h = h + core_input
+        if cfg.feedback_norm:
+            def rms(x: Tensor) -> Tensor:
+                return upcast(x).pow(2).mean(-1, keepdim=True).add(1e-12).sqrt()
+
+            h = h * (rms(core_input) / rms(h)).to(h.dtype)
+        return h
+
     def sleep(self, h: Tensor, caches: Caches, ctx: MixContext, start_short: list[LayerCache],
-              passes: int) -> tuple[Tensor, Caches, int]:
+              passes: int, core_input: Tensor | None = None) -> tuple[Tensor, Caches, int]:
         """Passes 2..N over the same window: features fed back, S carried, short-term memory restarted."""
         core = self.model.core_idx
         k = self.cfg.truncate_backprop
@@ -112,13 +131,9 @@ class SleepRunner:
             caches = list(caches)
             for i, short in zip(core, start_short):
                 caches[i] = caches[i].with_short_term(short)
-            no_grad = k is not None and j <= passes - k
-            if no_grad:
-                with torch.no_grad():
-                    h, caches = self.model.run_blocks(core, h, caches, ctx)
-                h = h.detach()
-                caches = [LayerCache(**{f: (t.detach() if isinstance(t, Tensor) else t)
-                                        for f, t in vars(c).items()}) for c in caches]
+            h = self.feed_back(h, core_input)
+            if k is not None and j <= passes - k:
+                h, caches = self._truncated_pass(h, caches, ctx)
             else:
                 h, caches = self.core_pass(h, caches, ctx)
             used = j
@@ -126,15 +141,30 @@ class SleepRunner:
                 break
         return h, caches, used
 
+    def _truncated_pass(self, h: Tensor, caches: Caches, ctx: MixContext) -> tuple[Tensor, Caches]:
+        """A sleep pass without gradient. ``detach``: h and S leave it cut from everything before, so no
+        gradient reaches the wake pass or the window's tokens through S. ``straight_through``: the pass's
+        change to h and S is added as a constant, so gradient flows through it as through the identity."""
+        with torch.no_grad():
+            new_h, new = self.core_pass(h, caches, ctx)
+        if self.cfg.truncate_mode == "straight_through":
+            def through(new_t, old_t):
+                return old_t + (new_t - old_t).detach() if isinstance(old_t, Tensor) else new_t
+
+            return through(new_h, h), [replace(c, ssm=through(c.ssm, o.ssm)) for c, o in zip(new, caches)]
+        return new_h.detach(), [LayerCache(**{f: (t.detach() if isinstance(t, Tensor) else t)
+                                              for f, t in vars(c).items()}) for c in new]
+
     def end_window(self, h: Tensor, caches: Caches, ctx: MixContext, start_short: list[LayerCache],
-                   passes: int) -> tuple[Caches, int]:
+                   passes: int, core_input: Tensor | None = None) -> tuple[Caches, int]:
         """Sleep passes 2..N, then put back the wake pass's short-term memory (what the next window
-        inherits). Shared by the chunked forward and the streaming engine."""
+        inherits). Shared by the chunked forward and the streaming engine. ``core_input`` (the window's
+        features entering the core on the wake pass) is needed only by ``reinject`` / ``feedback_norm``."""
         core = self.model.core_idx
         if passes <= 1:
             return caches, 1
         wake_short = [caches[i].short_term() for i in core]
-        _, caches, used = self.sleep(h, caches, ctx, start_short, passes)
+        _, caches, used = self.sleep(h, caches, ctx, start_short, passes, core_input)
         for i, short in zip(core, wake_short):
             caches[i] = caches[i].with_short_term(short)
         return caches, used
@@ -175,6 +205,7 @@ class SleepRunner:
             h = model.embed(input_ids[:, s:e])
             h, caches = model.run_blocks(model.prelude_idx, h, caches, ctx)
             start_short = [caches[i].short_term() for i in model.core_idx]
+            core_input = h
             h, caches = self.core_pass(h, caches, ctx)
             forwards += 1
             wmask = tmask[:, s:e]
@@ -187,7 +218,7 @@ class SleepRunner:
                 logits_out.append(logits)
             used = 1
             if e < T:
-                caches, used = self.end_window(h, caches, ctx, start_short, passes)
+                caches, used = self.end_window(h, caches, ctx, start_short, passes, core_input)
                 forwards += used - 1
             passes_used.append(used)
             if e < T:

@@ -31,6 +31,8 @@ class StudyConfig(StrictModel):
     chance: float = Field(ge=0, le=1, description="accuracy of guessing (drawn as a line, used in the verdict)")
     difficulty_name: str = Field("difficulty", description="what the task's difficulty is called (t, k, ops)")
     threads: int = Field(1, ge=1, description="OMP threads per training run")
+    diagnostics: bool = Field(False, description="also measure every run's collapse diagnostics at every eval "
+                                                 "N (megasleep.study.diagnose; needs checkpoint.export=true)")
     out: str = Field("runs/studies/{name}", description="run directories (checkpoints, logs)")
     results: str = Field("docs/results/{name}", description="tables, plots and summary.json")
 

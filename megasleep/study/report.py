@@ -17,6 +17,7 @@ from pathlib import Path
 
 from megasleep.eval.harness import by_passes
 from megasleep.eval.scoring import wilson
+from megasleep.study.diagnose import diagnostics_section
 
 
 def _num(s: str):
@@ -307,6 +308,7 @@ def write_report(cfg, results: list[dict], directory: Path, *, command: str, har
         f"## Accuracy by {cfg.difficulty_name} (own N, seeds pooled)", "",
         difficulty_table(results, cfg.difficulty_name), "",
         "## Every model at every N (seeds pooled)", "", cross_table(results), "",
+        *diagnostics_section(results),
         "## Cost", "", cost_table(results), "",
         f"![accuracy]({png.name})", ""]
     md = directory / "results.md"

@@ -96,6 +96,10 @@ def run_study(cfg, runs, *, jobs: int = 1, fresh: bool = False, echo: bool = Tru
                            prefix=f"  [{spec.dirname}]", echo=echo and jobs == 1)
         res.update(label=spec.label, passes=spec.passes, seed=spec.seed, name=spec.dirname,
                    overrides=spec.overrides)
+        if cfg.diagnostics:
+            from megasleep.study.diagnose import diagnose_run
+
+            res["diagnostics"] = diagnose_run(run_dir, cfg.eval_passes, cfg.eval_samples)
         tmp = done.with_suffix(".tmp")
         tmp.write_text(json.dumps(res, indent=1))
         os.replace(tmp, done)  # a run counts as finished only once its result is complete

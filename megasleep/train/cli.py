@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import sys
 
@@ -39,6 +40,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate the run's latest checkpoint at eval.passes (writes eval.json) and exit")
     # `deepspeed --module megasleep.train.cli` appends --local_rank=N (LOCAL_RANK in the environment says the same)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--trust-checkpoint", action="store_true",
+                   help="load checkpoint files without the weights-only check (= checkpoint.trust=true)")
 
 
 def trainer_class():
@@ -54,6 +57,48 @@ def trainer_class():
     return cls
 
 
+def run(cfg, eval_only: bool = False, trainer_cls=None) -> int:
+    """Train; the process exit status: 0 done or cleanly stopped (status.json tells which), 3 failed.
+    Any other exception propagates after status.json says ``failed``."""
+    from megasleep.train.checkpoint import CheckpointError
+    from megasleep.train.distributed import shutdown_distributed
+    from megasleep.train.trainer import TrainingFailed
+
+    trainer_cls = trainer_cls or trainer_class()
+    trainer = None
+    ok = False
+    try:
+        if eval_only:
+            cfg = cfg.model_copy(deep=True)
+            cfg.checkpoint.resume = "auto" if cfg.checkpoint.resume == "never" else cfg.checkpoint.resume
+            trainer = trainer_cls(cfg, eval_only=True)
+            if trainer.resumed_from is None:
+                raise CheckpointError(f"--eval-only: no complete checkpoint in {trainer.ckpt_dir}")
+            res = trainer.evaluate()
+            if trainer.rank == 0:
+                (trainer.run_dir / "eval.json").write_text(
+                    json.dumps({"step": trainer.step, "checkpoint": trainer.resumed_from, "results": res}, indent=1))
+            ok = True
+            return 0
+        trainer = trainer_cls(cfg)
+        trainer.train()
+        ok = True
+        return 0
+    except TrainingFailed as exc:
+        print(f"[megasleep] training failed: {exc}", file=sys.stderr, flush=True)
+        ok = True  # every rank reaches this together: a clean shutdown is still possible
+        return 3
+    except BaseException as exc:
+        if trainer is not None:
+            trainer.status.fail(exc)  # (a failure inside Trainer() already wrote it)
+        raise
+    finally:
+        if trainer is not None:
+            trainer.close() if ok else shutdown_distributed(barrier=False)
+        else:
+            shutdown_distributed(barrier=False)
+
+
 def main(args) -> int:
     from megasleep.config import ConfigError
     from megasleep.train.config import load_experiment
@@ -64,6 +109,8 @@ def main(args) -> int:
         config, overrides = None, [config, *overrides]
     if args.local_rank is not None:
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
+    if getattr(args, "trust_checkpoint", False):
+        overrides.append("checkpoint.trust=true")
     cfg = load_experiment(config, overrides)
     if args.print_config:
         from megasleep.train.config import dump_yaml
@@ -83,14 +130,13 @@ def main(args) -> int:
         try:
             preflight(cfg, world)
         except (ConfigError, CheckpointError, DataError, FileNotFoundError) as exc:
-            print(f"megasleep train: error: {exc} (checked for world size {world})", file=sys.stderr)
+            where = "" if f"world size {world}" in str(exc) else f" (checked for world size {world})"
+            print(f"megasleep train: error: {exc}{where}", file=sys.stderr)
             return 2
         print(f"megasleep train: {cfg.source}: ok for world size {world}", file=sys.stderr)
         return 0
-    from megasleep.train.trainer import run
-
     try:
-        return run(cfg, eval_only=args.eval_only, trainer_cls=trainer_class())
+        return run(cfg, eval_only=args.eval_only)
     except (CheckpointError, DataError) as exc:
         print(f"megasleep train: error: {exc}", file=sys.stderr)
         return 2

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, PrivateAttr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, create_model, field_validator, model_validator
 
 from megasleep.config import (  # noqa: F401  (resolve_path: imported from here by callers)
     REPO_ROOT,
@@ -73,6 +73,19 @@ class TaskDataConfig(StrictModel):
         return self
 
 
+def _loader_settings() -> type[StrictModel]:
+    """``data.loader``: the megasleep.data.loader.LoaderConfig fields a user sets (the trainer fills the
+    datasets, batch size, seed and tokenizer hash), with the same types, defaults and bounds."""
+    from megasleep.data.loader import LoaderConfig
+
+    filled = {"datasets", "batch_size", "seed", "tokenizer_hash"}
+    fields = {n: (f.annotation, f) for n, f in LoaderConfig.model_fields.items() if n not in filled}
+    return create_model("LoaderSettings", __base__=StrictModel, **fields)
+
+
+LoaderSettings = _loader_settings()
+
+
 class DataConfig(StrictModel):
     source: Literal["task", "shards"] = "task"
     task: TaskDataConfig = TaskDataConfig()
@@ -81,8 +94,8 @@ class DataConfig(StrictModel):
                           "shards' manifest tokenizer")
     train: str | list[str] | None = Field(None, description="shards: train dataset dir / pattern(s)")
     val: str | list[str] | None = Field(None, description="shards: validation dataset dir / pattern(s)")
-    loader: dict[str, Any] = Field(default_factory=dict,
-                                   description="extra megasleep.data.loader.LoaderConfig settings")
+    loader: LoaderSettings = Field(default_factory=LoaderSettings,
+                                   description="megasleep.data.loader.LoaderConfig settings (shards)")
 
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
@@ -139,6 +152,8 @@ class CheckpointConfig(StrictModel):
                                                     "and the directory lacks keep their fresh init (reported)")
     allow_steps_change: bool = Field(False, description="resume with another train.steps: re-plan the lr "
                                                         "schedule over the new length (else refused)")
+    trust: bool = Field(False, description="unpickle checkpoint files without the weights-only check "
+                                           "(only for checkpoints whose author you trust)")
 
 
 class DeepSpeedConfig(StrictModel):

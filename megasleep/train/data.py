@@ -191,7 +191,7 @@ def loader_config(data_cfg, split: str, batch_size: int, seed: int, tokenizer_ha
     paths = data_cfg.train if split == "train" else data_cfg.val
     values: dict[str, Any] = {"datasets": paths, "batch_size": batch_size, "seed": seed,
                               "tokenizer_hash": tokenizer_hash}
-    values.update(data_cfg.loader)
+    values.update(data_cfg.loader.model_dump(exclude_unset=True))
     if split != "train":  # evaluation: one pass, fixed order
         values.update(shuffle_buffer=0, shuffle_shards=False, epochs=1, drop_last=False)
     values["batch_size"] = batch_size

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import json
 import os
 import time
 from typing import Any
@@ -56,18 +55,13 @@ def check_batch(cfg, world_size: int) -> int:
 
 def read_ds_json(cfg) -> tuple[str, dict[str, Any]]:
     """(path, JSON with ``deepspeed.overrides`` and ``deepspeed.zero_stage`` merged), keys validated."""
-    from megasleep.config import deep_update, resolve_path
+    from megasleep.config import deep_update, read_config_file, resolve_path
 
     ds = cfg.deepspeed
     path = resolve_path(ds.config)
     if not path.is_file():
         raise ConfigError(f"{cfg.source}: deepspeed.config: {ds.config}: no such DeepSpeed JSON")
-    try:
-        conf = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"{path}: not valid JSON: {exc}") from None
-    if not isinstance(conf, dict):
-        raise ConfigError(f"{path}: top level must be an object, got {type(conf).__name__}")
+    conf = read_config_file(path)
     deep_update(conf, ds.overrides)
     if ds.zero_stage is not None:
         conf.setdefault("zero_optimization", {})["stage"] = ds.zero_stage
@@ -236,3 +230,38 @@ def initialize(module: nn.Module, optimizer, ds_config: dict[str, Any], model: n
     if zero_stage(ds_config) == 3:
         register_external_params(model)
     return engine
+
+
+def load_exported_weights(model: nn.Module, path: str, rank: int, zero3: bool) -> None:
+    """``checkpoint.init_from``: an exported directory's weights into ``model`` (shapes must match;
+    tensors the directory lacks keep their fresh init and are reported). Under zero.Init every
+    tensor is gathered, rank 0 writes it, every rank receives its partition."""
+    import sys
+
+    from megasleep.checkpoint.weights import load_weights
+    from megasleep.config import resolve_path
+
+    state = load_weights(resolve_path(path))
+    own = dict(model.named_parameters())
+    missing = sorted(set(own) - set(state) - ({"lm_head.weight"} if model.config.tie_embeddings else set()))
+    unexpected = sorted(set(state) - set(own))
+    if unexpected:
+        raise ConfigError(f"checkpoint.init_from: {path}: tensors this model does not have: {unexpected[:8]}")
+    for name, t in state.items():
+        p = own[name]
+        shape = tuple(getattr(p, "ds_shape", p.shape))
+        if tuple(t.shape) != shape:
+            raise ConfigError(f"checkpoint.init_from: {path}: {name} has shape {tuple(t.shape)}, "
+                              f"the model wants {shape}")
+        gathered = contextlib.nullcontext()
+        if zero3:
+            import deepspeed
+
+            gathered = deepspeed.zero.GatheredParameters([p], modifier_rank=0)
+        with gathered, torch.no_grad():
+            if rank == 0 or not zero3:
+                p.copy_(t)
+    if rank == 0:
+        print(f"[megasleep] initialised {len(state)} tensors from {path}"
+              + (f"; {len(missing)} keep their fresh init: {missing[:6]}{' ...' if len(missing) > 6 else ''}"
+                 if missing else ""), file=sys.stderr, flush=True)

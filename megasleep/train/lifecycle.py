@@ -5,7 +5,7 @@ and ``train.time_limit_minutes`` into a stop reason (the trainer all-reduces the
 every step, saves, and returns "preempted" / "time_limit"), and ``train.time_budget_minutes`` into
 "end training here". :class:`RunStatus` writes ``status.json`` atomically on rank 0: ``running``,
 then exactly one of ``done`` / ``preempted`` / ``time_limit`` / ``failed``; every crash path of
-``megasleep.train.trainer.run`` writes ``failed`` (``launch/pretrain.sh`` reads it to decide whether
+``megasleep.train.cli.run`` writes ``failed`` (``launch/pretrain.sh`` reads it to decide whether
 to requeue). See docs/training.md.
 """
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -86,3 +87,41 @@ class RunStatus:
             self.write("failed", reason=f"{type(exc).__name__}: {exc}".strip()[:2000])
         except OSError:
             pass
+
+
+def unmark_checkpoint(ckpt_dir: Path, step: int) -> None:
+    """Make checkpoint ``step`` unresumable (its completion marker renamed ``*.diverged``, files kept
+    for a post-mortem) and point ``latest`` back at the newest complete checkpoint before it."""
+    from megasleep.train.checkpoint import LATEST, MARKER, complete_tags, tag_for
+
+    tag_dir = Path(ckpt_dir) / tag_for(step)
+    if (tag_dir / MARKER).is_file():
+        (tag_dir / MARKER).rename(tag_dir / (MARKER + ".diverged"))
+    tags = complete_tags(Path(ckpt_dir))
+    latest = Path(ckpt_dir) / LATEST
+    if tags:
+        tmp = latest.with_name(LATEST + ".tmp")
+        tmp.write_text(tags[-1])
+        os.replace(tmp, latest)
+    else:
+        latest.unlink(missing_ok=True)
+
+
+def check_steps_on_resume(cfg, saved_steps: int | None, report: bool) -> None:
+    """The lr schedule is planned over train.steps: a resume at another length would silently jump to
+    another point of another schedule. Refuse, unless checkpoint.allow_steps_change says to re-plan
+    (then say so). Checkpoints that do not record their train.steps pass."""
+    from megasleep.train.checkpoint import CheckpointError
+
+    steps = cfg.train.steps
+    if saved_steps is None or saved_steps == steps:
+        return
+    if not cfg.checkpoint.allow_steps_change:
+        raise CheckpointError(
+            f"{cfg.source}: train.steps={steps} but the checkpoint was trained with train.steps={saved_steps}: "
+            f"resuming would re-plan the lr schedule; set train.steps={saved_steps}, or "
+            "checkpoint.allow_steps_change=true to continue on a schedule re-planned over the new length")
+    if report:
+        print(f"[megasleep] train.steps changed from {saved_steps} to {steps} (checkpoint.allow_steps_change=true): "
+              "the lr schedule is re-planned over the new length from the checkpoint's step on",
+              file=sys.stderr, flush=True)

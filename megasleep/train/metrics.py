@@ -70,6 +70,33 @@ class FlopCounter:
         return total
 
 
+def merge_window_sums(parts: list[dict[int, list[float]]]) -> dict[int, list[float]]:
+    """{window: [loss sum, target tokens]} of several steps or ranks, added up."""
+    merged: dict[int, list[float]] = {}
+    for part in parts:
+        for w, (loss_sum, tokens) in part.items():
+            m = merged.setdefault(w, [0.0, 0.0])
+            m[0] += loss_sum
+            m[1] += tokens
+    return merged
+
+
+def step_metrics(rec: dict[str, Any], windows: dict[int, list[float]], *, world: int, peak_flops: float,
+                 peak_mem_gb: float, tokens_seen: int, skipped: int) -> dict[str, Any]:
+    """The logged record of a training step (``rec`` from Trainer.train_step, per-window sums merged
+    over the steps since the last log and over ranks)."""
+    dt = rec["step_seconds"]
+    out = {"loss": rec["loss"], "grad_norm": rec["grad_norm"], "lr": rec["lr"], "passes": rec["passes"],
+           "tokens_per_s": rec["input_tokens"] / dt, "target_tokens_per_s": rec["target_tokens"] / dt,
+           "mfu": rec["flops"] / (dt * world * peak_flops), "sleep_share": rec["sleep_share"],
+           "data_share": rec["data_share"], "peak_mem_gb": peak_mem_gb, "step_seconds": dt,
+           "tokens_seen": tokens_seen, "skipped_steps": skipped,
+           "window_loss": {str(w): windows[w][0] / windows[w][1] for w in sorted(windows)}}
+    if len(rec["lrs"]) > 1:
+        out["lr_groups"] = rec["lrs"]
+    return out
+
+
 def peak_flops(device: torch.device, configured_tflops: float | None) -> tuple[float, str]:
     """(peak FLOP/s of one device, where the number comes from)."""
     if configured_tflops:

@@ -45,4 +45,9 @@ def preflight(cfg: ExperimentConfig, world_size: int) -> dict[str, Any]:
     if world_size < 1:
         raise ConfigError(f"{cfg.source}: world size {world_size}: need at least one rank")
     check_paths(cfg)
+    from megasleep.train.checkpoint import preflight_resume
+
+    # a checkpoint of another model, or one whose data position cannot follow this world size
+    preflight_resume(cfg.checkpoint.resume, cfg.checkpoint_path, cfg.model_cfg.model_dump(mode="json"), world_size,
+                     cfg.data.source)
     return build_ds_config(cfg, world_size)

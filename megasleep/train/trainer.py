@@ -32,18 +32,23 @@ from megasleep.sleep import SleepOutput
 from megasleep.train import engine as ds_engine
 from megasleep.train.checkpoint import (
     LATEST,
-    MARKER,
     CheckpointError,
     CheckpointManager,
-    complete_tags,
     resolve_resume,
     rng_state,
     set_rng_state,
 )
 from megasleep.train.config import ExperimentConfig, dump_yaml
 from megasleep.train.distributed import launcher_world_size, setup_distributed, shutdown_distributed
-from megasleep.train.lifecycle import RunStatus, StopPolicy
-from megasleep.train.metrics import FlopCounter, MetricLogger, peak_flops, peak_memory_gb
+from megasleep.train.lifecycle import RunStatus, StopPolicy, check_steps_on_resume, unmark_checkpoint
+from megasleep.train.metrics import (
+    FlopCounter,
+    MetricLogger,
+    merge_window_sums,
+    peak_flops,
+    peak_memory_gb,
+    step_metrics,
+)
 from megasleep.train.preflight import preflight
 
 
@@ -154,7 +159,8 @@ class Trainer:
         else:
             model = HybridLM(mcfg)
         if self.cfg.checkpoint.init_from:
-            self._init_from(model, self.cfg.checkpoint.init_from)
+            ds_engine.load_exported_weights(model, self.cfg.checkpoint.init_from, self.rank,
+                                            zero3=self.cfg.deepspeed.zero_init and self.zero_stage == 3)
         if self.cfg.optim.trainable is not None:
             import fnmatch
 
@@ -166,38 +172,6 @@ class Trainer:
             if n_on == 0:
                 raise ConfigError(f"{self.cfg.source}: optim.trainable={pats} matches no parameter")
         return model.to(self.device)
-
-    def _init_from(self, model: nn.Module, path: str) -> None:
-        """Load an exported directory's weights (shapes must match; missing tensors are reported)."""
-        from megasleep.checkpoint.weights import load_weights
-
-        state = load_weights(resolve_path(path))
-        own = dict(model.named_parameters())
-        missing = sorted(set(own) - set(state) - ({"lm_head.weight"} if model.config.tie_embeddings else set()))
-        unexpected = sorted(set(state) - set(own))
-        if unexpected:
-            raise ConfigError(f"checkpoint.init_from: {path}: tensors this model does not have: {unexpected[:8]}")
-        zero3 = self.cfg.deepspeed.zero_init and self.zero_stage == 3
-        for name, t in state.items():
-            p = own[name]
-            shape = tuple(getattr(p, "ds_shape", p.shape))
-            if tuple(t.shape) != shape:
-                raise ConfigError(f"checkpoint.init_from: {path}: {name} has shape {tuple(t.shape)}, "
-                                  f"the model wants {shape}")
-            if zero3:
-                import deepspeed
-
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
-                    if self.rank == 0:
-                        with torch.no_grad():
-                            p.copy_(t)
-            else:
-                with torch.no_grad():
-                    p.copy_(t)
-        if self.rank == 0:
-            print(f"[megasleep] initialised {len(state)} tensors from {path}"
-                  + (f"; {len(missing)} keep their fresh init: {missing[:6]}{' ...' if len(missing) > 6 else ''}"
-                     if missing else ""), file=sys.stderr, flush=True)
 
     def build_data(self):
         from megasleep.train.data import ShardStream, TaskStream
@@ -237,7 +211,8 @@ class Trainer:
         return engine
 
     def build_checkpointer(self) -> CheckpointManager:
-        return CheckpointManager(self.ckpt_dir, self.cfg.checkpoint.keep_last, self.rank, self.world, self.barrier)
+        return CheckpointManager(self.ckpt_dir, self.cfg.checkpoint.keep_last, self.rank, self.world, self.barrier,
+                                 trust=self.cfg.checkpoint.trust)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
@@ -266,7 +241,7 @@ class Trainer:
         if tok and self.tokenizer is not None and tok.get("hash") != self.tokenizer.hash:
             raise CheckpointError(f"the checkpoint was trained with tokenizer {tok.get('hash')} and this run "
                                   f"uses {self.tokenizer.hash} ({self.tokenizer.path})")
-        self._check_steps_unchanged(st.get("steps"))
+        check_steps_on_resume(self.cfg, st.get("steps"), self.rank == 0)
         sampler = st.get("sleep_sampler", {})
         s = self.cfg.sleep
         if (sampler.get("random_passes") and tuple(sampler["random_passes"]) != tuple(s.random_passes or ())) \
@@ -279,29 +254,13 @@ class Trainer:
         self.train_data.load_state_dict(rank_state["data"])
         set_rng_state(rank_state["rng"])
 
-    def _check_steps_unchanged(self, saved_steps: int | None) -> None:
-        """The lr schedule is planned over train.steps: a resume at another length would silently jump
-        to another point of another schedule. Refuse, unless checkpoint.allow_steps_change says to
-        re-plan (then say so)."""
-        steps = self.cfg.train.steps
-        if saved_steps is None or saved_steps == steps:
-            return
-        if not self.cfg.checkpoint.allow_steps_change:
-            raise CheckpointError(
-                f"{self.cfg.source}: train.steps={steps} but the checkpoint was trained with train.steps="
-                f"{saved_steps}: resuming would re-plan the lr schedule; set train.steps={saved_steps}, or "
-                "checkpoint.allow_steps_change=true to continue on a schedule re-planned over the new length")
-        if self.rank == 0:
-            print(f"[megasleep] train.steps changed from {saved_steps} to {steps} "
-                  "(checkpoint.allow_steps_change=true): the lr schedule is re-planned over the new length from "
-                  "the checkpoint's step on", file=sys.stderr, flush=True)
-
     def maybe_resume(self) -> str | None:
         found = resolve_resume(self.cfg.checkpoint.resume, self.ckpt_dir)
         if found is None:
             return None
         ckpt_dir, tag = found
-        client, rank_state = self.ckpt.load(self.engine, ckpt_dir, tag)
+        client, rank_state = self.ckpt.load(self.engine, ckpt_dir, tag, data_source=self.cfg.data.source,
+                                            model_cfg=self.cfg.model_cfg.model_dump(mode="json"))
         self.load_state_dict(client, rank_state)
         self.last_saved_step = self.step if Path(ckpt_dir) == self.ckpt_dir else -1
         return str(Path(ckpt_dir) / tag)
@@ -318,21 +277,9 @@ class Trainer:
         return tag
 
     def discard_diverged_checkpoint(self, weights_step: int) -> None:
-        """The weights after update ``weights_step`` diverged: if the last save holds them, unmark that
-        checkpoint (it is then never resumed from) and point ``latest`` back at the newest complete one
-        before it."""
+        """The weights after update ``weights_step`` diverged: never leave them as the last good save."""
         if self.rank == 0 and self.last_saved_step == weights_step:
-            from megasleep.train.checkpoint import tag_for
-
-            tag_dir = self.ckpt_dir / tag_for(weights_step)
-            (tag_dir / MARKER).rename(tag_dir / (MARKER + ".diverged"))
-            tags = complete_tags(self.ckpt_dir)
-            latest = self.ckpt_dir / LATEST
-            if tags:
-                (self.ckpt_dir / (LATEST + ".tmp")).write_text(tags[-1])
-                (self.ckpt_dir / (LATEST + ".tmp")).replace(latest)
-            else:
-                latest.unlink(missing_ok=True)
+            unmark_checkpoint(self.ckpt_dir, weights_step)
         self.barrier()
 
     # ------------------------------------------------------------------ steps
@@ -422,26 +369,13 @@ class Trainer:
                 "lrs": [g["lr"] for g in self.optimizer.param_groups]}
 
     def log(self, rec: dict[str, Any], window_acc: dict[int, list[float]]) -> None:
-        merged = window_acc
         if self.world > 1:
             gathered: list = [None] * self.world
             dist.all_gather_object(gathered, window_acc)
-            merged = {}
-            for g in gathered:
-                for w, (a, b) in g.items():
-                    m = merged.setdefault(w, [0.0, 0.0])
-                    m[0] += a
-                    m[1] += b
-        dt = rec["step_seconds"]
-        out = {"loss": rec["loss"], "grad_norm": rec["grad_norm"], "lr": rec["lr"], "passes": rec["passes"],
-               "tokens_per_s": rec["input_tokens"] / dt, "target_tokens_per_s": rec["target_tokens"] / dt,
-               "mfu": rec["flops"] / (dt * self.world * self.peak_flops),
-               "sleep_share": rec["sleep_share"], "data_share": rec["data_share"],
-               "peak_mem_gb": peak_memory_gb(self.device), "step_seconds": dt, "tokens_seen": self.tokens_seen,
-               "skipped_steps": self.skipped, "window_loss": {str(w): merged[w][0] / merged[w][1] for w in sorted(merged)}}
-        if len(rec["lrs"]) > 1:
-            out["lr_groups"] = rec["lrs"]
-        self.metrics.log(self.step, out)
+            window_acc = merge_window_sums(gathered)
+        self.metrics.log(self.step, step_metrics(rec, window_acc, world=self.world, peak_flops=self.peak_flops,
+                                                 peak_mem_gb=peak_memory_gb(self.device),
+                                                 tokens_seen=self.tokens_seen, skipped=self.skipped))
 
     def evaluate(self) -> list[dict]:
         if not self.validator:
@@ -496,10 +430,7 @@ class Trainer:
             self.check_health(rec)
             self.tokens_seen += rec["input_tokens"]
             self.history.append({"step": self.step, "loss": rec["loss"], "applied": rec["applied"]})
-            for w, (a, b) in rec["windows"].items():
-                m = window_acc.setdefault(w, [0.0, 0.0])
-                m[0] += a
-                m[1] += b
+            window_acc = merge_window_sums([window_acc, rec["windows"]])
             self.step += 1
             self.status.step = self.step
             self.metrics.advance()
@@ -595,40 +526,3 @@ def _add_padded(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def _pad_lists(a: list[int], b: list[int]) -> tuple[list[int], list[int]]:
     n = max(len(a), len(b))
     return a + [0] * (n - len(a)), b + [0] * (n - len(b))
-
-
-def run(cfg: ExperimentConfig, eval_only: bool = False, trainer_cls: type[Trainer] = Trainer) -> int:
-    """Train; the process exit status: 0 done or cleanly stopped (status.json tells which), 3 failed.
-    Any other exception propagates after status.json says ``failed``."""
-    trainer = None
-    ok = False
-    try:
-        if eval_only:
-            cfg = cfg.model_copy(deep=True)
-            cfg.checkpoint.resume = "auto" if cfg.checkpoint.resume == "never" else cfg.checkpoint.resume
-            trainer = trainer_cls(cfg, eval_only=True)
-            if trainer.resumed_from is None:
-                raise CheckpointError(f"--eval-only: no complete checkpoint in {trainer.ckpt_dir}")
-            res = trainer.evaluate()
-            if trainer.rank == 0:
-                (trainer.run_dir / "eval.json").write_text(
-                    json.dumps({"step": trainer.step, "checkpoint": trainer.resumed_from, "results": res}, indent=1))
-            ok = True
-            return 0
-        trainer = trainer_cls(cfg)
-        trainer.train()
-        ok = True
-        return 0
-    except TrainingFailed as exc:
-        print(f"[megasleep] training failed: {exc}", file=sys.stderr, flush=True)
-        ok = True  # every rank reaches this together: a clean shutdown is still possible
-        return 3
-    except BaseException as exc:
-        if trainer is not None:
-            trainer.status.fail(exc)  # (a failure inside Trainer() already wrote it)
-        raise
-    finally:
-        if trainer is not None:
-            trainer.close() if ok else shutdown_distributed(barrier=False)
-        else:
-            shutdown_distributed(barrier=False)

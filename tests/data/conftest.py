@@ -25,6 +25,13 @@ def depo_tok(tok_dir):
 
 
 @pytest.fixture(scope="session")
+def pointer_tok(tok_dir):
+    from megasleep.data.tasks import get_task
+
+    return get_task("pointer").make_task_tokenizer(tok_dir)
+
+
+@pytest.fixture(scope="session")
 def gsm_tok(tok_dir):
     from megasleep.data.tasks import get_task
 

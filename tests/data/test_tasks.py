@@ -205,9 +205,9 @@ def test_gsm_default_band_and_question_first(gsm_tok):
 
 
 # ---------------------------------------------------------------------------------------------- registry
-def test_registry_and_determinism(r110_tok, depo_tok, gsm_tok):
-    assert set(TASKS) == {"rule110", "depo", "gsm"}
-    toks = {"rule110": r110_tok, "depo": depo_tok, "gsm": gsm_tok}
+def test_registry_and_determinism(r110_tok, depo_tok, gsm_tok, pointer_tok):
+    assert set(TASKS) == {"rule110", "depo", "gsm", "pointer"}
+    toks = {"rule110": r110_tok, "depo": depo_tok, "gsm": gsm_tok, "pointer": pointer_tok}
     for name, task in TASKS.items():
         assert task.version and task.generator.startswith("megasleep.data.tasks.")
         params = {"length_min": 100, "length_max": 200} if name == "gsm" else {}

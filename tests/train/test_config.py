@@ -65,6 +65,7 @@ train: {steps: 2, global_batch_size: 4, micro_batch_size: 2}
     ("data: {task: {difficulty: abc}}\n", ["data.task.difficulty", "'abc' is not a difficulty"]),
     ("data: {task: {eval_difficulty: 3-1}}\n", ["data.task.eval_difficulty", "'3-1' is not a difficulty"]),
     ("data: {task: {params: {widht: 8}}}\n", ["data.task", "widht", "not parameters of task 'rule110'"]),
+    ("data: {loader: {num_workerz: 0}}\n", ["data.loader.num_workerz", "unknown key"]),
     ("optim: {warmup_steps: 2}\n", ["optim.warmup_steps=2", "train.steps=2"]),
 ])
 def test_malformed_experiment(tmp_path, extra, words):

@@ -1,4 +1,4 @@
-"""Task registry: ``get_task("rule110" | "depo" | "gsm") -> TaskSpec``.
+"""Task registry: ``get_task("rule110" | "depo" | "gsm" | "pointer") -> TaskSpec``.
 
 Example::
 
@@ -12,12 +12,12 @@ Example::
 
 from __future__ import annotations
 
-from megasleep.data.tasks import depo, gsm, rule110
+from megasleep.data.tasks import depo, gsm, pointer, rule110
 from megasleep.data.tasks.base import TaskSpec, parse_difficulty, sample_rng, split_id
 
 TASKS: dict[str, TaskSpec] = {
     m.NAME: TaskSpec(name=m.NAME, version=m.VERSION, module=m, defaults=dict(m.DEFAULTS), difficulty_name=m.DIFFICULTY)
-    for m in (rule110, depo, gsm)
+    for m in (rule110, depo, gsm, pointer)
 }
 
 
