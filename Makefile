@@ -20,7 +20,7 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check megasleep tests benchmarks data_pipelines launch
 
-# The CPU studies of docs/results/ (issue 7): every (N, seed) through the real trainer, then the tables.
+# The CPU studies of docs/results/: every (N, seed) through the real trainer, then the tables.
 study-rule110: $(STAMP)
 	$(PY) -m megasleep.cli study configs/studies/rule110-cpu.yaml
 

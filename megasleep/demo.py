@@ -26,7 +26,7 @@ from pathlib import Path
 
 from megasleep.train.config import DEFAULT_EXPERIMENT
 
-# The demo task (configs/experiments/tiny-demo.yaml): Rule 110 (SPEC §4) scaled down for a CPU — one
+# The demo task (configs/experiments/tiny-demo.yaml): Rule 110 (docs/tasks.md) scaled down for a CPU — one
 # 24-bit string per sequence, L = 24 (the string sits alone in its window and is evicted before the
 # query), label = bit 0 after t Rule-110 steps, t in {0, 1, 2, 3}; chance 1/2. t = 0 only asks the model
 # to carry one bit across the eviction in its fast weights; every step of t adds a layer of Rule-110

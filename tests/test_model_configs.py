@@ -1,4 +1,4 @@
-"""Every config in configs/models instantiates on the meta device within 10% of SPEC §5."""
+"""Every config in configs/models instantiates on the meta device within 10% of its target (docs/sleep.md#model-sizes)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from megasleep.models import load_model_config
-from megasleep.models.info import SPEC_PARAMS, count
+from megasleep.models.info import TARGET_PARAMS, count
 from tests.conftest import ROOT
 
 CONFIGS = sorted((ROOT / "configs" / "models").glob("*.yaml"))
@@ -18,11 +18,11 @@ CONFIGS = sorted((ROOT / "configs" / "models").glob("*.yaml"))
 def test_param_count_matches_spec(path):
     cfg = load_model_config(path)
     n = count(cfg)["total"]
-    target = SPEC_PARAMS[cfg.name]
+    target = TARGET_PARAMS[cfg.name]
     if cfg.name.startswith("tiny"):
-        assert n < target, f"{path.name}: {n:,} parameters, SPEC says < {target:,.0f}"
+        assert n < target, f"{path.name}: {n:,} parameters, target < {target:,.0f}"
     else:
-        assert abs(n / target - 1) <= 0.10, f"{path.name}: {n:,} parameters vs SPEC ~{target:,.0f}"
+        assert abs(n / target - 1) <= 0.10, f"{path.name}: {n:,} parameters vs target ~{target:,.0f}"
 
 
 def test_model_info_cli_prints_counts():

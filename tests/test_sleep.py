@@ -1,4 +1,4 @@
-"""Sleep semantics (SPEC §3), on fresh random models and tokens."""
+"""Sleep semantics (docs/sleep.md), on fresh random models and tokens."""
 
 from __future__ import annotations
 

@@ -181,7 +181,7 @@ def test_committed_studies_load(path: Path):
     check_runs(cfg, runs, str(path))
     assert 1 in cfg.passes  # every study compares against the awake-only baseline
     if cfg.name.startswith("rule110"):
-        assert len(cfg.seeds) >= 2 and {1, 2, 3, 4} <= set(cfg.passes)  # issue 7's floor for Rule 110
+        assert len(cfg.seeds) >= 2 and {1, 2, 3, 4} <= set(cfg.passes)  # the floor for a Rule 110 depth study
 
 
 def test_a_run_is_trained_by_one_invocation_at_a_time(tmp_path):

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# default window L per task (SPEC §4)
+# default window L per task (docs/tasks.md)
 TASK_WINDOWS = {"rule110": 24, "depo": 75, "gsm": 2000}
 
 

@@ -1,4 +1,4 @@
-"""Streaming wake/sleep inference (SPEC §3, last bullet): :class:`Session` (prefill / step, sleep when
+"""Streaming wake/sleep inference (docs/inference.md): :class:`Session` (prefill / step, sleep when
 a window fills, memory bounded by one window), :func:`generate` / :func:`generate_stream`, and the
 ``megasleep generate`` command (:mod:`megasleep.inference.cli`)."""
 

@@ -1,4 +1,4 @@
-"""Streaming wake/sleep session (SPEC §3, last bullet): token-by-token wake decoding, sleep whenever a
+"""Streaming wake/sleep session (docs/inference.md): token-by-token wake decoding, sleep whenever a
 window fills, memory bounded by one window whatever the number of tokens seen.
 
 A :class:`Session` serves one batch of sequences that advance together (same absolute positions, so

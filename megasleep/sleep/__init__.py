@@ -1,4 +1,4 @@
-"""Sleep: the chunked wake/sleep forward of SPEC §3 (loop.py) and its settings (config.py)."""
+"""Sleep: the chunked wake/sleep forward of docs/sleep.md (loop.py) and its settings (config.py)."""
 
 from megasleep.sleep.config import SleepConfig
 from megasleep.sleep.loop import SleepOutput, SleepRunner, sleep_forward

@@ -31,7 +31,7 @@ def diagnose_run(run_dir: str | Path, passes: list[int], samples: int | None = N
     from megasleep.checkpoint.load import load_pretrained
     from megasleep.data.tokenizer import load_tokenizer
     from megasleep.train.config import load_experiment
-    from megasleep.train.data import collate, task_eval_samples
+    from megasleep.train.data import as_batch, collate, task_eval_samples
 
     run_dir = Path(run_dir)
     for need in ("config.yaml", "export/config.json"):
@@ -46,7 +46,7 @@ def diagnose_run(run_dir: str | Path, passes: list[int], samples: int | None = N
     model = load_pretrained(run_dir / "export", device="cpu", dtype=torch.float32)
     items = task_eval_samples(task.name, tok, seed=task.seed, difficulty=task.eval_difficulty or task.difficulty,
                               params=task.params, n=samples or cfg.eval.samples)
-    batches = [collate(items[i:i + batch_size], tok.pad_id) for i in range(0, len(items), batch_size)]
+    batches = [as_batch(collate(items[i:i + batch_size], tok.pad_id)) for i in range(0, len(items), batch_size)]
     out = {f"N={n}": collapse_diagnostics(model, batches, cfg.sleep.model_copy(update={"passes": n}), tok.pad_id)
            for n in passes}
     tmp = run_dir / (DIAG_FILE + ".tmp")

@@ -117,7 +117,7 @@ def test_megasleep_data_text_from_a_folder_to_a_config(tmp_path, mixed, capsys):
     tok = load_tokenizer(out / "tokenizer" / "text.model")
     cfg = load_experiment(out / "experiment.yaml")
     assert cfg.model_cfg.vocab_size == tok.vocab_size
-    assert (cfg.sleep.window, cfg.data.loader["seq_len"]) == (64, 128)
+    assert (cfg.sleep.window, cfg.data.loader.seq_len) == (64, 128)
     train, val = read_manifest(out / "train"), read_manifest(out / "val")
     assert train["documents"] + val["documents"] == 8 and val["documents"] == 2  # documents 3 and 7
     assert train["tokenizer"]["hash"] == val["tokenizer"]["hash"] == tok.hash

@@ -1,4 +1,4 @@
-"""Streaming engine == chunked sleep forward (SPEC §3, last bullet), for any mix of prefill and step.
+"""Streaming engine == chunked sleep forward (docs/inference.md), for any mix of prefill and step.
 
 fp64 random models of every mixer type and prelude/core/coda split; L in {4, 7, 16}, N in {1, 2, 3},
 hard and sliding eviction, prompts whose length is and is not a multiple of L. The full product of

@@ -61,7 +61,7 @@ train: {steps: 2, global_batch_size: 4, micro_batch_size: 2}
     ("checkpoint: {keep_last: 0}\n", ["checkpoint.keep_last"]),
     ("data: {source: shards}\n", ["data", "needs data.train"]),
     ("eval: {passes: []}\n", ["eval", "non-empty"]),
-    ("data: {task: {name: rule111}}\n", ["data.task.name", "unknown task 'rule111'", "depo, gsm, rule110"]),
+    ("data: {task: {name: rule111}}\n", ["data.task.name", "unknown task 'rule111'", "depo, gsm, pointer, rule110"]),
     ("data: {task: {difficulty: abc}}\n", ["data.task.difficulty", "'abc' is not a difficulty"]),
     ("data: {task: {eval_difficulty: 3-1}}\n", ["data.task.eval_difficulty", "'3-1' is not a difficulty"]),
     ("data: {task: {params: {widht: 8}}}\n", ["data.task", "widht", "not parameters of task 'rule110'"]),
@@ -153,7 +153,7 @@ def test_command_line_exit_status_and_message(tmp_path):
 def test_config_errors_are_one_line_and_fail_print_config(tmp_path, capsys):
     """A wrong task name fails at load (so --print-config and the launch preflight refuse it too), in
     one line listing the valid names; a bad difficulty names its key."""
-    for args, words in ((["data.task.name=rule111"], ["data.task.name", "valid names: depo, gsm, rule110"]),
+    for args, words in ((["data.task.name=rule111"], ["data.task.name", "valid names: depo, gsm, pointer, rule110"]),
                         (["data.task.difficulty=abc"], ["data.task.difficulty", "'abc'"]),
                         (["train.steps=5"], ["optim.warmup_steps=20", "train.steps=5"])):
         rc, err = _cli_in_process(capsys, *args, "--print-config")

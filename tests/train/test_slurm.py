@@ -1,6 +1,6 @@
 """launch/pretrain.sh, launch/eval.sh and launch/sweep.sh on a real SLURM cluster of two nodes.
 
-The local cluster of ../shared/slurm runs two slurmd on this machine (`SLURM_LOCAL_NODES=2`) with
+The local SLURM cluster (started by CI beside the checkout) runs two slurmd on this machine (`SLURM_LOCAL_NODES=2`) with
 two placeholder GPUs per node (`SLURM_LOCAL_GPUS=2`: SLURM allocates them, there is no CUDA behind
 them). Every job is submitted at once and they share the CPUs (the partition oversubscribes; the
 scripts ask for whole nodes with --exclusive, so the jobs here say --oversubscribe):

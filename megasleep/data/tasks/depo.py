@@ -1,4 +1,4 @@
-"""Depo (SPEC §4): k-hop retrieval over a random directed cycle; depth by hops ``k``.
+"""Depo (docs/tasks.md): k-hop retrieval over a random directed cycle; depth by hops ``k``.
 
 Layout (defaults: T = 300 + 10*6 = 360)::
 

@@ -1,4 +1,4 @@
-"""GSM-Infinite-style math word problems (SPEC §4): depth by the number of operations ``ops``.
+"""GSM-Infinite-style math word problems (docs/tasks.md): depth by the number of operations ``ops``.
 
 Each problem is a random computation graph over named quantities ("the number of adult owls in
 Maple Creek Zoo"), written out one sentence per quantity in realistic templates:

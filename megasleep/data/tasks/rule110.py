@@ -1,4 +1,4 @@
-"""Rule 110 (SPEC §4): depth by rollout steps ``t``.
+"""Rule 110 (docs/tasks.md): depth by rollout steps ``t``.
 
 Layout (defaults: 4 strings of width 24, so T = 4*24 + 1 + 4 = 101)::
 
