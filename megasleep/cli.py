@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "generate": ("megasleep.inference.cli", "stream tokens from a checkpoint with wake/sleep decoding"),
     "eval": ("megasleep.eval.cli", "evaluate a checkpoint at several sleep depths"),
     "export": ("megasleep.eval.export_cli", "DeepSpeed checkpoint -> HF-style directory"),
+    "retrofit": ("megasleep.checkpoint.retrofit", "insert SSM blocks into a released model and choose the loop"),
     "study": ("megasleep.study.cli", "train one experiment at several N and seeds, tables with intervals"),
     "data": ("megasleep.data.cli", "a folder of text -> tokenizer + shards + experiment config; verify datasets"),
     "plan": ("megasleep.plan", "per-GPU memory, batch/world checks and FLOPs of a config on K nodes x G GPUs"),

@@ -14,6 +14,7 @@ POINTER = ["model=configs/models/tiny-ag.yaml", "sleep.window=36", "data.task.na
 
 
 def fake_run(tmp_path, name: str, passes: int):
+    from megasleep.checkpoint.released import save_pretrained
     from megasleep.data.tasks import get_task
     from megasleep.models import HybridLM
     from megasleep.train.config import dump_yaml, load_experiment
@@ -23,7 +24,7 @@ def fake_run(tmp_path, name: str, passes: int):
     cfg = load_experiment(None, [*POINTER, f"sleep.passes={passes}", f"run_dir={run}"])
     (run / "config.yaml").write_text(dump_yaml(cfg))
     tok = get_task("pointer").make_task_tokenizer(run / "tokenizer")
-    HybridLM(cfg.model_cfg).save_pretrained(run / "export", tokenizer_path=tok.path)
+    save_pretrained(HybridLM(cfg.model_cfg), run / "export", tokenizer_path=tok.path)
     return run
 
 

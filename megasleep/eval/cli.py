@@ -91,11 +91,12 @@ def _parse_params(items: list[str]) -> dict:
 def run(args) -> Path:
     import torch
 
+    from megasleep.checkpoint.load import checkpoint_info, load_pretrained
+    from megasleep.checkpoint.released import tokenizer_path
     from megasleep.eval import data as D
     from megasleep.eval.harness import EvalSettings, evaluate
     from megasleep.eval.report import write_results
     from megasleep.eval.scoring import chance_level
-    from megasleep.models.pretrained import checkpoint_info, load_pretrained, tokenizer_path
 
     if not args.checkpoint:
         raise ValueError("--checkpoint is required (an exported model directory)")
@@ -109,6 +110,7 @@ def run(args) -> Path:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     info = checkpoint_info(args.checkpoint)
     model = load_pretrained(args.checkpoint, device=device, dtype=args.dtype)
+    print(f"[megasleep eval] {args.checkpoint}: read with the {info['format']} adapter", file=sys.stderr)
     tok_file = Path(args.tokenizer) if args.tokenizer else tokenizer_path(args.checkpoint)
     ck_sleep = info.get("sleep") or {}
     ck_tok_hash = (info.get("tokenizer") or {}).get("hash")

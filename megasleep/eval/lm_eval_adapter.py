@@ -46,9 +46,10 @@ class MegasleepLM(TemplateLM):
         if kwargs:
             raise ValueError(unknown_args_message(sorted(kwargs)))
         super().__init__()
+        from megasleep.checkpoint.load import load_pretrained
+        from megasleep.checkpoint.released import tokenizer_path
         from megasleep.data.tokenizer import load_tokenizer
         from megasleep.eval.harness import CollectingRunner
-        from megasleep.models.pretrained import load_pretrained, tokenizer_path
         from megasleep.sleep.config import SleepConfig
 
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():

@@ -96,6 +96,7 @@ def main(args: argparse.Namespace) -> int:
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     dtype_name = DTYPES.get(args.dtype) or ("bfloat16" if str(device).startswith("cuda") else "float32")
     model = load_model(ckpt, device=device, dtype=getattr(torch, dtype_name))
+    print(f"[megasleep generate] {ckpt}: read with the {model.pretrained_meta['format']} adapter", file=sys.stderr)
 
     tok_path = args.tokenizer or default_tokenizer_path(ckpt)
     tokenizer = None

@@ -39,18 +39,19 @@ def _expand_kv(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
     return k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
 
 
-def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False) -> Tensor:
+def sdpa(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None, is_causal: bool = False,
+         scale: float | None = None) -> Tensor:
     """SDPA with grouped-query heads routed to a kernel that accepts them (see the module doc)."""
     gqa = q.shape[1] != k.shape[1]
     if gqa and q.is_cuda and q.dtype == torch.float32:
         k, v = _expand_kv(q, k, v)
         gqa = False
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, scale=scale, enable_gqa=gqa)
 
 
-def masked_reference(q, k, v, q_pos, k_pos, window, q_doc=None, k_doc=None) -> Tensor:
+def masked_reference(q, k, v, q_pos, k_pos, window, q_doc=None, k_doc=None, scale=None) -> Tensor:
     """The obviously-correct banded / document-masked attention (explicit boolean mask)."""
-    return sdpa(q, k, v, band_mask(q_pos, k_pos, window, q_doc, k_doc))
+    return sdpa(q, k, v, band_mask(q_pos, k_pos, window, q_doc, k_doc), scale=scale)
 
 
 @functools.cache
@@ -60,7 +61,8 @@ def _compiled_flex():
     return torch.compile(flex_attention, dynamic=False)
 
 
-def flex_masked(q, k, v, q_pos, k_pos, window, q_doc=None, k_doc=None, compiled: bool | None = None) -> Tensor:
+def flex_masked(q, k, v, q_pos, k_pos, window, q_doc=None, k_doc=None, compiled: bool | None = None,
+                scale: float | None = None) -> Tensor:
     """Banded / document-masked attention through FlexAttention's block mask (same result as
     :func:`masked_reference`). ``compiled`` defaults to "on CUDA"; eager FlexAttention (CPU tests)
     is exact but unfused."""
@@ -77,14 +79,14 @@ def flex_masked(q, k, v, q_pos, k_pos, window, q_doc=None, k_doc=None, compiled:
     block = create_block_mask(mask_mod, B if q_doc is not None else None, None, tq, tk, device=q.device)
     compiled = q.is_cuda if compiled is None else compiled
     fn = _compiled_flex() if compiled else flex_attention
-    return fn(q, k, v, block_mask=block, enable_gqa=q.shape[1] != k.shape[1])
+    return fn(q, k, v, block_mask=block, scale=scale, enable_gqa=q.shape[1] != k.shape[1])
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, q_pos: Tensor, k_pos: Tensor, window: int,
-           q_doc: Tensor | None, k_doc: Tensor | None, plain_causal: bool) -> Tensor:
+           q_doc: Tensor | None, k_doc: Tensor | None, plain_causal: bool, scale: float | None = None) -> Tensor:
     """q [B, H, Tq, Dh], k/v [B, Hkv, Tk, Dh] -> [B, H, Tq, Dh]; the dispatch of the module doc."""
     if plain_causal:
-        return sdpa(q, k, v, is_causal=True)
+        return sdpa(q, k, v, is_causal=True, scale=scale)
     if q.is_cuda and q.shape[2] >= FLEX_MIN_QUERIES:
-        return flex_masked(q, k, v, q_pos, k_pos, window, q_doc, k_doc)
-    return masked_reference(q, k, v, q_pos, k_pos, window, q_doc, k_doc)
+        return flex_masked(q, k, v, q_pos, k_pos, window, q_doc, k_doc, scale=scale)
+    return masked_reference(q, k, v, q_pos, k_pos, window, q_doc, k_doc, scale=scale)

@@ -28,6 +28,13 @@ class AttnConfig(StrictModel):
     n_kv_heads: int | None = Field(None, ge=1, description="grouped-query heads; None = n_heads")
     head_dim: int | None = Field(None, ge=1, description="None = d_model // n_heads")
     rope_theta: float = Field(10000.0, gt=0)
+    qkv_bias: bool = Field(False, description="biases on q/k/v projections (Qwen2, mamba_ssm MHA)")
+    out_bias: bool = Field(False, description="bias on the output projection")
+    softmax_scale: float | None = Field(None, gt=0, description="None = head_dim**-0.5")
+    d_conv: int = Field(0, ge=0, description="width of a causal depthwise conv over q/k/v (with bias, no "
+                                             "activation, as mamba_ssm's MHA); 0 = none")
+    rotary_dim: int | None = Field(None, ge=0, description="RoPE on the first rotary_dim dims of each head "
+                                                           "(partial rotary); None = whole head, 0 = no positions")
 
 
 class Mamba2Config(StrictModel):
@@ -43,6 +50,7 @@ class Mamba2Config(StrictModel):
     dt_max: float = Field(0.1, gt=0)
     dt_init_floor: float = Field(1e-4, gt=0)
     chunk_size: int = Field(64, ge=1)
+    norm_eps: float = Field(1e-5, gt=0, description="eps of the gated RMSNorm before out_proj")
 
 
 class GDNConfig(StrictModel):
@@ -56,12 +64,14 @@ class GDNConfig(StrictModel):
 
 
 class MLPConfig(StrictModel):
-    """SwiGLU hidden size as a multiple of d_model per block type; 0 means the block has no MLP."""
+    """MLP hidden size as a multiple of d_model per block type; 0 means the block has no MLP."""
 
     A: float = Field(4.0, ge=0)
     M: float = Field(0.0, ge=0)
     G: float = Field(4.0, ge=0)
     multiple_of: int = Field(8, ge=1)
+    activation: Literal["swiglu", "relu2"] = Field("swiglu", description="relu2: non-gated down(relu(up x)^2)")
+    blocks: str | None = Field(None, description='per block "1" (has an MLP) or "0"; None = by letter ratio')
 
 
 class ModelConfig(StrictModel):
@@ -86,6 +96,9 @@ class ModelConfig(StrictModel):
         if not self.pattern or bad:
             raise ValueError(
                 f"pattern {self.pattern!r}: unknown block letter(s) {bad} (use A=attn, M=mamba2, G=gdn)")
+        mb = self.mlp.blocks
+        if mb is not None and (len(mb) != len(self.pattern) or set(mb) - {"0", "1"}):
+            raise ValueError(f"mlp.blocks={mb!r}: one '0' / '1' per block of the {len(self.pattern)}-block pattern")
         if self.n_prelude + self.n_coda >= len(self.pattern):
             raise ValueError(f"n_prelude={self.n_prelude} + n_coda={self.n_coda} leave no core blocks "
                              f"in a {len(self.pattern)}-block pattern")
@@ -97,6 +110,11 @@ class ModelConfig(StrictModel):
                 raise ValueError(f"attn.n_kv_heads={a.n_kv_heads} does not divide attn.n_heads={a.n_heads}")
             if self.attn_head_dim % 2:
                 raise ValueError(f"attn head_dim={self.attn_head_dim} must be even for RoPE")
+            if a.d_conv == 1:
+                raise ValueError("attn.d_conv=1 is not a short conv (use 0 for none or >= 2)")
+            rd = a.rotary_dim
+            if rd is not None and (rd % 2 or rd > self.attn_head_dim):
+                raise ValueError(f"attn.rotary_dim={rd} must be even and <= head_dim={self.attn_head_dim}")
         if "M" in self.pattern:
             m = self.mamba2
             d_inner = m.expand * self.d_model

@@ -21,19 +21,21 @@ from megasleep.ops.gated_delta import gated_delta_rule, gdn_step
 
 
 class ShortConv(nn.Conv1d):
-    """Depthwise causal conv (weights [D, 1, W], no bias), named like FLA's ShortConvolution."""
+    """Depthwise causal conv (weights [D, 1, W]), named like FLA's ShortConvolution: GDN's q/k/v convs
+    (SiLU, no bias) and attention's optional q/k/v conv (bias, no activation, as mamba_ssm's MHA)."""
 
-    def __init__(self, dim: int, width: int):
-        super().__init__(dim, dim, width, groups=dim, padding=width - 1, bias=False)
+    def __init__(self, dim: int, width: int, bias: bool = False, activation: str | None = "silu"):
+        super().__init__(dim, dim, width, groups=dim, padding=width - 1, bias=bias)
+        self.activation = activation
 
     def run(self, x: Tensor, state: Tensor | None, ctx: MixContext) -> tuple[Tensor, Tensor]:
-        """x [B, T, D] -> (SiLU(conv(x)) [B, T, D], conv state [B, D, W-1])."""
+        """x [B, T, D] -> (act(conv(x)) [B, T, D], conv state [B, D, W-1])."""
         w = self.weight.squeeze(1)
         if x.shape[1] == 1 and state is not None and ctx.reset is None:
-            y, new = causal_conv1d_step(x[:, 0], state, w, None, "silu", backend=ctx.backend)
+            y, new = causal_conv1d_step(x[:, 0], state, w, self.bias, self.activation, backend=ctx.backend)
             return y[:, None], new
-        y, new = causal_conv1d(x.transpose(1, 2), w, None, initial_state=state, reset=ctx.reset,
-                               activation="silu", backend=ctx.backend)
+        y, new = causal_conv1d(x.transpose(1, 2), w, self.bias, initial_state=state, reset=ctx.reset,
+                               activation=self.activation, backend=ctx.backend)
         return y.transpose(1, 2), new
 
 

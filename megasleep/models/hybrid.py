@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from megasleep.models.block import Block
-from megasleep.models.cache import LayerCache, MixContext
+from megasleep.models.cache import LayerCache, MixContext, doc_resets
 from megasleep.models.config import ModelConfig
 
 Caches = list[LayerCache]
@@ -77,20 +77,6 @@ class HybridLM(nn.Module):
             total += p.numel()
         return total
 
-    # ---- released checkpoints (megasleep/models/pretrained.py) ----------------------------------
-    @classmethod
-    def from_pretrained(cls, path, device=None, dtype=None, **overrides) -> HybridLM:
-        """Exported dir (or a mamba_ssm MambaLMHeadModel dir) -> model in eval mode."""
-        from megasleep.models.pretrained import load_pretrained
-
-        return load_pretrained(path, device=device, dtype=dtype, **overrides)
-
-    def save_pretrained(self, path, tokenizer_path=None, **kwargs):
-        """config.json + model.safetensors (+ tokenizer.model), written atomically."""
-        from megasleep.models.pretrained import save_pretrained
-
-        return save_pretrained(self, path, tokenizer_path=tokenizer_path, **kwargs)
-
     # ---- running blocks --------------------------------------------------------------------------
     def check_ids(self, input_ids: Tensor) -> None:
         vocab = self.config.vocab_size
@@ -114,12 +100,16 @@ class HybridLM(nn.Module):
             h, caches[i] = self.layers[i](h, caches[i], ctx)
         return h, caches
 
-    def forward(self, input_ids: Tensor, **sleep_kwargs) -> Tensor:
-        """Logits of every position under the sleep forward (defaults: one window, N=1)."""
-        from megasleep.sleep import SleepConfig, sleep_forward
-
-        cfg = sleep_kwargs.pop("sleep", None) or SleepConfig(window=max(1, input_ids.shape[1]), passes=1)
-        return sleep_forward(self, input_ids, cfg, return_logits=True, **sleep_kwargs).logits
+    def forward(self, input_ids: Tensor, doc_ids: Tensor | None = None) -> Tensor:
+        """Logits of every position with the whole sequence as one window and N = 1 (what the sleep loop
+        computes in that case). Windows, passes and eviction are megasleep.sleep's business."""
+        self.check_ids(input_ids)
+        B, T = input_ids.shape
+        ctx = MixContext.for_span(0, T, max(1, T), doc_ids=doc_ids, reset=doc_resets(doc_ids),
+                                  backend=self.config.kernels, device=input_ids.device)
+        caches = self.init_caches(B, input_ids.device, self.embed_tokens.weight.dtype)
+        h, _ = self.run_blocks(range(len(self.layers)), self.embed(input_ids), caches, ctx)
+        return self.head(h)
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device | None = None) -> HybridLM:

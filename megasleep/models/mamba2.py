@@ -44,7 +44,7 @@ class Mamba2(nn.Module):
         lo, hi = m.A_init_range
         self.A_log = nn.Parameter(torch.log(torch.empty(self.nheads).uniform_(lo, hi)))
         self.D = nn.Parameter(torch.ones(self.nheads))
-        self.norm = GatedRMSNorm(self.d_ssm, eps=1e-5, group_size=self.d_ssm // m.ngroups,
+        self.norm = GatedRMSNorm(self.d_ssm, eps=m.norm_eps, group_size=self.d_ssm // m.ngroups,
                                  norm_before_gate=False)
         self.out_proj = nn.Linear(self.d_inner, cfg.d_model, bias=False)
         for p in (self.dt_bias, self.A_log, self.D):

@@ -28,8 +28,20 @@ def rotate(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
-def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
+def partial(x: Tensor, rotary_dim: int | None, fn) -> Tensor:
+    """Apply the rotation ``fn`` to the first ``rotary_dim`` dims of x only (partial rotary, as in
+    NeoX-style and hybrid checkpoints); ``rotary_dim`` 0 means no positions at all, None all dims."""
+    if rotary_dim is None or rotary_dim >= x.shape[-1]:
+        return fn(x)
+    if rotary_dim == 0:
+        return x
+    return torch.cat([fn(x[..., :rotary_dim]), x[..., rotary_dim:]], dim=-1)
+
+
+def rope(x: Tensor, positions: Tensor, theta: float, rotary_dim: int | None = None) -> Tensor:
     """x [B, H, T, Dh] rotated by ``positions`` [T] (uncached reference)."""
+    if rotary_dim is not None and rotary_dim < x.shape[-1]:
+        return partial(x, rotary_dim, lambda y: rope(y, positions, theta))
     dtype = rope_dtype(x)
     ang = positions.to(dtype)[:, None] * inv_frequencies(x.shape[-1] // 2, theta, x.device, dtype)[None, :]
     return rotate(x, ang.cos(), ang.sin())
@@ -38,8 +50,9 @@ def rope(x: Tensor, positions: Tensor, theta: float) -> Tensor:
 class RopeCache:
     """cos/sin tables per (device, dtype), not module state: never saved, never moved by ``.to()``."""
 
-    def __init__(self, head_dim: int, theta: float):
-        self.half, self.theta = head_dim // 2, theta
+    def __init__(self, head_dim: int, theta: float, rotary_dim: int | None = None):
+        self.rotary_dim = rotary_dim if rotary_dim is not None and rotary_dim < head_dim else None
+        self.half, self.theta = (self.rotary_dim if self.rotary_dim is not None else head_dim) // 2, theta
         self._tables: dict[tuple, tuple[Tensor, Tensor]] = {}
 
     def tables(self, end: int, device, dtype) -> tuple[Tensor, Tensor]:
@@ -57,7 +70,7 @@ class RopeCache:
         """Rotate x [B, H, T, Dh]. ``span`` = (start, end) when the positions are ``arange(start, end)``
         (known on the host: slicing the table needs no device sync); otherwise the uncached formula."""
         if span is None:
-            return rope(x, positions, self.theta)
+            return rope(x, positions, self.theta, self.rotary_dim)
         start, end = span
         cos, sin = self.tables(end, x.device, rope_dtype(x))
-        return rotate(x, cos[start:end], sin[start:end])
+        return partial(x, self.rotary_dim, lambda y: rotate(y, cos[start:end], sin[start:end]))

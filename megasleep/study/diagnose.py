@@ -28,8 +28,8 @@ DIAG_FILE = "diagnostics.json"
 def diagnose_run(run_dir: str | Path, passes: list[int], samples: int | None = None,
                  batch_size: int = 256) -> dict[str, dict[str, float]]:
     """``{"N=1": diagnostics, ...}`` of the run's exported model; also written to RUN_DIR/diagnostics.json."""
+    from megasleep.checkpoint.load import load_pretrained
     from megasleep.data.tokenizer import load_tokenizer
-    from megasleep.models.pretrained import load_pretrained
     from megasleep.train.config import load_experiment
     from megasleep.train.data import as_batch, collate, task_eval_samples
 

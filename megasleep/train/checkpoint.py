@@ -45,13 +45,13 @@ from typing import Any
 import numpy as np
 import torch
 
+# CheckpointError lives with the other checkpoint errors, so train.reshard raises it without importing this
+# module back (no import circle); importing it from here keeps working
+from megasleep.checkpoint.errors import CheckpointError  # noqa: F401
+
 MARKER = "megasleep.json"
 LATEST = "latest"
 TAG_RE = re.compile(r"^step_(\d{8,})$")
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used (missing, incomplete, or saved by a different world size)."""
 
 
 def tag_for(step: int) -> str:

@@ -238,8 +238,8 @@ def load_exported_weights(model: nn.Module, path: str, rank: int, zero3: bool) -
     tensor is gathered, rank 0 writes it, every rank receives its partition."""
     import sys
 
+    from megasleep.checkpoint.weights import load_weights
     from megasleep.config import resolve_path
-    from megasleep.models.pretrained import load_weights
 
     state = load_weights(resolve_path(path))
     own = dict(model.named_parameters())

@@ -32,7 +32,7 @@ from typing import Any
 
 import torch
 
-from megasleep.train.checkpoint import CheckpointError
+from megasleep.checkpoint.errors import CheckpointError
 
 SUFFIX = ".universal"
 DONE = "megasleep-universal.json"

@@ -387,7 +387,7 @@ class Trainer:
             self.engine.train()
 
     def export(self) -> Path | None:
-        from megasleep.train.export import consolidated_from_zero, export_state_dict
+        from megasleep.checkpoint.deepspeed import consolidated_from_zero, export_state_dict
 
         out = self.run_dir / "export"
         if self.zero_stage == 3:

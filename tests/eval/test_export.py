@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from megasleep.checkpoint.load import load_pretrained
 from megasleep.cli import main
 from megasleep.models import HybridLM, ModelConfig
-from megasleep.models.pretrained import load_pretrained
 from megasleep.sleep import SleepConfig, sleep_forward
 
 MODEL = {"name": "ds-test", "vocab_size": 61, "d_model": 32, "pattern": "AGMA", "attn": {"n_heads": 4, "n_kv_heads": 2},

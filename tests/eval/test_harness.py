@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from megasleep.checkpoint.released import save_pretrained
 from megasleep.cli import main
 from megasleep.models import HybridLM
-from megasleep.models.pretrained import save_pretrained
 from megasleep.sleep import SleepConfig, sleep_forward
 from tests.conftest import tiny_config
 
@@ -153,8 +153,8 @@ def test_depo_scores_every_query_and_matches_full_logits(depo, tmp_path):
     doc = json.loads((out / "results.json").read_text())
     res = doc["results"][0]
     assert res["overall"]["n_units"] == 40 and res["overall"]["answer_tokens"] == 80
+    from megasleep.checkpoint.load import load_pretrained
     from megasleep.eval.data import read_shards
-    from megasleep.models.pretrained import load_pretrained
 
     model = load_pretrained(depo["ck"])
     samples, _, _ = read_shards(depo["shards"])
@@ -192,8 +192,8 @@ def test_text_shards_per_window_loss_and_adaptive(tmp_path):
     doc = json.loads((out / "results.json").read_text())
     assert doc["data"]["kind"] == "text" and (out / "loss_vs_window.png").is_file()
     assert not (out / "buckets.csv").exists()
+    from megasleep.checkpoint.load import load_pretrained
     from megasleep.eval.data import batches, read_shards
-    from megasleep.models.pretrained import load_pretrained
 
     model = load_pretrained(ck)
     samples, _, _ = read_shards(tmp_path / "text", max_examples=6)

@@ -29,9 +29,9 @@ def _task(name: str, body: str, data: Path) -> str:
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
+    from megasleep.checkpoint.released import save_pretrained
     from megasleep.data.tokenizer import train_tokenizer
     from megasleep.models import HybridLM
-    from megasleep.models.pretrained import save_pretrained
     from tests.conftest import tiny_config
 
     d = tmp_path_factory.mktemp("lmeval")
@@ -89,7 +89,7 @@ def test_lm_eval_cli_with_megasleep_model(setup):
     assert len(gen) == 2 and all(isinstance(g["resps"][0][0], str) for g in gen)
 
     # rolling log-likelihood, computed directly: [BOS] + tokens through the same sleep forward
-    from megasleep.models.pretrained import load_pretrained
+    from megasleep.checkpoint.load import load_pretrained
     from megasleep.sleep import SleepConfig, sleep_forward
 
     model, tok = load_pretrained(setup["ck"]), setup["tok"]

@@ -28,7 +28,7 @@ def make_tokenizer(path, vocab):
 def write_checkpoint(model, path, tokenizer_file=None, sleep=None):
     path.mkdir(parents=True, exist_ok=True)
     try:
-        from megasleep.models.pretrained import save_pretrained
+        from megasleep.checkpoint.released import save_pretrained
     except ModuleNotFoundError:
         from safetensors.torch import save_model
 

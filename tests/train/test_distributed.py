@@ -44,7 +44,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("stage", STAGES)
 def test_two_ranks_match_one(runs, stage):
-    from megasleep.models.pretrained import load_weights
+    from megasleep.checkpoint.weights import load_weights
 
     tmp, one, two = runs
     a, b = one[f"z{stage}"], two[f"z{stage}"]

@@ -16,8 +16,9 @@ from tests.train.helpers import run_train
 
 
 def test_paper_recipe_switches(tmp_path):
+    from megasleep.checkpoint.released import save_pretrained
+    from megasleep.checkpoint.weights import load_weights
     from megasleep.models import HybridLM
-    from megasleep.models.pretrained import load_weights, save_pretrained
     from megasleep.train.config import load_experiment
 
     init = tmp_path / "init"

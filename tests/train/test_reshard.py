@@ -91,7 +91,7 @@ def test_eval_only_and_export_of_a_two_rank_checkpoint_on_one_rank(tmp_path):
     p = subprocess.run([PY, "-m", "megasleep.cli", "export", str(run), "--out", str(tmp_path / "export")], cwd=ROOT,
                        env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
-    from megasleep.models.pretrained import load_weights
+    from megasleep.checkpoint.weights import load_weights
 
     assert "embed_tokens.weight" in load_weights(tmp_path / "export")
 

@@ -9,14 +9,14 @@ import shutil
 import pytest
 import torch
 
-from megasleep.models.pretrained import (
+from megasleep.checkpoint.errors import (
     MissingCheckpointFileError,
     PretrainedError,
     UnsafeCheckpointError,
     WeightsMismatchError,
-    load_pretrained,
-    save_pretrained,
 )
+from megasleep.checkpoint.load import load_pretrained
+from megasleep.checkpoint.released import save_pretrained
 from megasleep.sleep import SleepConfig, sleep_forward
 from tests.conftest import tiny_model
 
@@ -107,7 +107,7 @@ def test_config_weights_mismatch_names_tensors(tmp_path):
     assert any(n.startswith("layers.4.mixer.") for n in e.value.missing)
 
     # a state dict whose "tied" head differs from the embedding is not written
-    from megasleep.models.pretrained import save_state_dict_pretrained
+    from megasleep.checkpoint.released import save_state_dict_pretrained
 
     sd = {k: v.clone() for k, v in model.state_dict().items()}
     sd["lm_head.weight"] += 1
@@ -165,8 +165,29 @@ def test_pickles_are_loaded_weights_only(tmp_path):
 
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 8}))
-    with pytest.raises(PretrainedError, match="neither a megasleep export"):
+    with pytest.raises(PretrainedError, match="no model_type and not a megasleep or mamba_ssm config"):
         load_pretrained(tmp_path)
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(PretrainedError, match="not valid JSON"):
         load_pretrained(tmp_path)
+
+
+def test_deepspeed_model_states_are_read_weights_only(tmp_path):
+    """A stage-0 DeepSpeed checkpoint is verified weights-only before it is read: a planted object in
+    mp_rank_00_model_states.pt is refused (naming the file) and never runs; plain containers + tensors load."""
+    from megasleep.checkpoint.deepspeed import read_training_checkpoint
+
+    model = tiny_model("AG", dtype=torch.float32)
+    tag = tmp_path / "ck" / "global_step1"
+    tag.mkdir(parents=True)
+    (tag / "megasleep.json").write_text(json.dumps({"config": {"model": model.config.model_dump(mode="json")}}))
+    sd = {f"model.{k}": v for k, v in model.state_dict().items()}
+    torch.save({"module": sd, "ds_version": "0.19.8", "ds_config": {"zero_optimization": {"stage": 0}}},
+               tag / "mp_rank_00_model_states.pt")
+    state, cfg, *_ = read_training_checkpoint(tmp_path / "ck", "global_step1")
+    assert set(state) == set(model.state_dict()) and cfg == model.config
+    marker = tmp_path / "ran"
+    torch.save({"module": sd, "evil": _Payload(marker)}, tag / "mp_rank_00_model_states.pt")
+    with pytest.raises(ValueError, match="mp_rank_00_model_states.pt"):
+        read_training_checkpoint(tmp_path / "ck", "global_step1")
+    assert not marker.exists()

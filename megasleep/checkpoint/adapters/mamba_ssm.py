@@ -1,4 +1,4 @@
-"""Import ``mamba_ssm`` ``MambaLMHeadModel`` checkpoints (Mamba-2 and Mamba-2 + attention hybrids).
+"""Adapter for ``mamba_ssm`` ``MambaLMHeadModel`` checkpoints (Mamba-2 and Mamba-2 + attention hybrids).
 
 Reads the directory ``MambaLMHeadModel.save_pretrained`` writes (``config.json`` = ``MambaConfig``
 fields, ``pytorch_model.bin`` = its state dict; a ``model.safetensors`` works too) without importing
@@ -39,11 +39,11 @@ Configurations that cannot be mapped faithfully are refused with an error naming
 Mamba-1 layers, LayerNorm (``rms_norm: false``), Mamba2 options megasleep's mixer does not have
 (``d_ssm`` < d_inner, ``D_has_hdim``, ``rmsnorm: false``, ``norm_before_gate: true``, ``dt_limit``,
 ``bias: true``, ``conv_bias: false``), and MHA options its attention does not have (``causal: false``,
-``d_conv > 0`` (a short conv on q/k/v), ``rotary_emb_dim`` other than ``head_dim`` (partial rotary or no
-positions), interleaved rotary, ``mlp_dim > 0`` (parallel MLP inside MHA), a ``softmax_scale`` other than
-``head_dim**-0.5``, and q/k/v or output projection biases that are not all zero). The released
-``mamba2attn`` checkpoints use ``d_conv=4`` and ``rotary_emb_dim = head_dim/2`` and are refused for that
-reason; pure Mamba-2 checkpoints (``mamba2-130m`` ... ``mamba2-2.7b``) map completely.
+interleaved rotary, ``mlp_dim > 0`` (parallel MLP inside MHA)). MHA's short conv over q/k/v
+(``d_conv > 0``: ``conv1d`` -> ``qkv_conv1d``), partial rotary (``rotary_emb_dim`` < ``head_dim``: the
+first dims rotate; 0: no positions), ``softmax_scale`` and q/k/v / output biases (``in_proj.bias`` split
+like the weight) map onto megasleep's attention options, so the released ``mamba2attn`` checkpoints
+(``d_conv=4``, ``rotary_emb_dim = head_dim/2``, biases) map completely, as do the pure Mamba-2 ones.
 """
 
 from __future__ import annotations
@@ -56,6 +56,9 @@ from typing import Any
 
 import torch
 
+from megasleep.checkpoint.adapters.base import Adapter
+from megasleep.checkpoint.errors import UnsupportedModelError
+from megasleep.checkpoint.weights import CONFIG_NAME, load_weights, read_json
 from megasleep.models.config import ModelConfig
 
 MAMBA_CONFIG_KEYS = {"d_model", "d_intermediate", "n_layer", "vocab_size", "ssm_cfg", "attn_layer_idx", "attn_cfg",
@@ -81,7 +84,7 @@ ATTN_KEYS = {"num_heads", "num_heads_kv", "head_dim", "mlp_dim", "qkv_proj_bias"
              "device", "dtype"}
 
 
-class MambaImportError(ValueError):
+class MambaImportError(UnsupportedModelError):
     """A mamba_ssm checkpoint uses a setting megasleep cannot represent faithfully (named in the message)."""
 
 
@@ -150,23 +153,17 @@ def convert_config(raw: dict, state: dict[str, torch.Tensor], where: str = "<mam
         hd = int(attn.get("head_dim") or d_model // nh)
         if not attn.get("causal", False):
             _refuse(where, "attn_cfg.causal is false (bidirectional attention); megasleep attention is causal")
-        if int(attn.get("d_conv", 0)) > 0:
-            _refuse(where, f"attn_cfg.d_conv={attn['d_conv']}: MHA runs a short causal conv over q/k/v, which "
-                           "megasleep's attention does not have")
         if int(attn.get("mlp_dim", 0)) > 0:
             _refuse(where, f"attn_cfg.mlp_dim={attn['mlp_dim']}: MHA's parallel gated MLP is not supported")
         rot = int(attn.get("rotary_emb_dim", 0))
-        if rot != hd:
-            kind = "no positional encoding" if rot == 0 else f"partial rotary ({rot} of {hd} dims)"
-            _refuse(where, f"attn_cfg.rotary_emb_dim={rot} with head_dim={hd} ({kind}); megasleep applies RoPE "
-                           "to the whole head")
         if attn.get("rotary_emb_interleaved", False):
             _refuse(where, "attn_cfg.rotary_emb_interleaved=true; megasleep uses the half-split (GPT-NeoX) rotary")
         scale = attn.get("softmax_scale")
-        if scale is not None and not math.isclose(float(scale), hd ** -0.5, rel_tol=1e-6):
-            _refuse(where, f"attn_cfg.softmax_scale={scale} (megasleep uses head_dim**-0.5 = {hd ** -0.5:.6g})")
-        attn_cfg = {"n_heads": nh, "n_kv_heads": nkv, "head_dim": hd,
-                    "rope_theta": float(attn.get("rotary_emb_base", 10000.0))}
+        first = f"backbone.layers.{attn_idx[0]}.mixer"
+        attn_cfg = {"n_heads": nh, "n_kv_heads": nkv, "head_dim": hd, "d_conv": int(attn.get("d_conv", 0)),
+                    "rope_theta": float(attn.get("rotary_emb_base", 10000.0)),
+                    "rotary_dim": None if rot == hd else rot, "softmax_scale": None if scale is None else float(scale),
+                    "qkv_bias": f"{first}.in_proj.bias" in state, "out_bias": f"{first}.out_proj.bias" in state}
     # MLP: every block has the same GatedMLP (hidden from the tensors: GatedMLP rounds up to 128)
     d_int = int(raw.get("d_intermediate", 0) or 0)
     mlp: dict[str, Any] = {"A": 0.0, "M": 0.0}
@@ -209,14 +206,6 @@ def convert_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], raw: di
         used.setdefault(src, []).append(dst)
         out[dst] = t
 
-    def zero_bias(src: str, what: str):
-        if src in state:
-            t = take(src)
-            if bool(t.abs().max() > 0):
-                _refuse(where, f"{src} is a non-zero {what} bias (max |b| = {float(t.abs().max()):.3g}); "
-                               "megasleep's attention projections have no bias")
-            used[src].append("(zero bias: dropped)")
-
     put("embed_tokens.weight", take("backbone.embedding.weight"), "backbone.embedding.weight")
     for i, letter in enumerate(cfg.pattern):
         src, dst = f"backbone.layers.{i}", f"layers.{i}"
@@ -235,9 +224,15 @@ def convert_state_dict(cfg: ModelConfig, state: dict[str, torch.Tensor], raw: di
             q, k, v = torch.split(w, [nq, nkv, nkv], dim=0)
             for n, t in (("q_proj", q), ("k_proj", k), ("v_proj", v)):
                 put(f"{dst}.mixer.{n}.weight", t.clone(), f"{src}.mixer.in_proj.weight")
-            zero_bias(f"{src}.mixer.in_proj.bias", "q/k/v")
-            put(f"{dst}.mixer.o_proj.weight", take(f"{src}.mixer.out_proj.weight"), f"{src}.mixer.out_proj.weight")
-            zero_bias(f"{src}.mixer.out_proj.bias", "output projection")
+            if a.qkv_bias:
+                b = take(f"{src}.mixer.in_proj.bias")
+                for n, t in zip(("q_proj", "k_proj", "v_proj"), torch.split(b, [nq, nkv, nkv])):
+                    put(f"{dst}.mixer.{n}.bias", t.clone(), f"{src}.mixer.in_proj.bias")
+            for n in ("weight", "bias") if a.out_bias else ("weight",):
+                put(f"{dst}.mixer.o_proj.{n}", take(f"{src}.mixer.out_proj.{n}"), f"{src}.mixer.out_proj.{n}")
+            if a.d_conv:  # MHA's conv over the concatenated [q | k | v] channels
+                for n in ("weight", "bias"):
+                    put(f"{dst}.mixer.qkv_conv1d.{n}", take(f"{src}.mixer.conv1d.{n}"), f"{src}.mixer.conv1d.{n}")
         if f"{src}.mlp.fc1.weight" in state:
             fc1 = take(f"{src}.mlp.fc1.weight")
             up, gate = fc1.chunk(2, dim=0)  # GatedMLP: y, gate = fc1(x).chunk(2); y * silu(gate)
@@ -272,40 +267,39 @@ def _layer_sort_key(name: str):
 
 def read_mamba_ssm_dir(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """(config dict, state dict) of a MambaLMHeadModel.save_pretrained directory (weights-only loading)."""
-    from megasleep.models.pretrained import _read_json, load_weights
-
     p = Path(path)
-    raw = _read_json(p / "config.json")
+    raw = read_json(p / CONFIG_NAME)
     state = load_weights(p)
     return raw, state
 
 
 def convert(path: str | os.PathLike, **overrides) -> tuple[ModelConfig, dict[str, torch.Tensor], dict]:
     """Read and convert a mamba_ssm directory: (ModelConfig, HybridLM state dict, report)."""
-    p = Path(path)
-    raw, state = read_mamba_ssm_dir(p)
-    cfg, facts = convert_config(raw, state, str(p / "config.json"), overrides)
-    new, used = convert_state_dict(cfg, state, raw, str(p))
-    report = {"source_tensors": len(state), "mapped": {k: used[k] for k in sorted(used, key=_layer_sort_key)},
-              **facts}
-    return cfg, new, report
+    raw, state = read_mamba_ssm_dir(path)
+    return MambaSSMAdapter().convert(raw, state, str(Path(path)), overrides)
 
 
-def load_mamba_ssm(path: str | os.PathLike, device=None, dtype=None, **overrides):
-    """HybridLM holding a mamba_ssm MambaLMHeadModel checkpoint (see the module docstring)."""
-    from megasleep.models.pretrained import build_from_state_dict, parse_dtype
-
-    p = Path(path)
-    cfg, state, report = convert(p, **overrides)
-    if dtype == "auto":
-        stored = {v.dtype for v in state.values() if v.is_floating_point()}
-        dtype = next(iter(stored)) if len(stored) == 1 else torch.float32
-    model = build_from_state_dict(cfg, state, device=device, dtype=parse_dtype(dtype) or torch.float32,
-                                  where=str(p))
-    model.pretrained_meta = {"path": str(p.resolve()), "format": "mamba_ssm", "import": report, "tokenizer": None,
-                             "sleep": None}
-    return model
+def is_mamba_ssm_config(raw: dict) -> bool:
+    return "n_layer" in raw and "d_model" in raw and ("ssm_cfg" in raw or "attn_layer_idx" in raw) \
+        and "model_type" not in raw
 
 
-__all__ = ["MambaImportError", "convert", "convert_config", "convert_state_dict", "load_mamba_ssm",
+class MambaSSMAdapter(Adapter):
+    """``MambaLMHeadModel.save_pretrained`` directories (config.json without a model_type)."""
+
+    name = "mamba_ssm"
+    model_types = ("mamba_ssm",)
+
+    @classmethod
+    def matches(cls, raw: dict) -> bool:
+        return is_mamba_ssm_config(raw)
+
+    def convert(self, raw, state, where, overrides):
+        cfg, facts = convert_config(raw, state, f"{where}/{CONFIG_NAME}", overrides)
+        new, used = convert_state_dict(cfg, state, raw, where)
+        return cfg, new, {"source_tensors": len(state),
+                          "mapped": {k: used[k] for k in sorted(used, key=_layer_sort_key)}, **facts}
+
+
+__all__ = ["MambaImportError", "MambaSSMAdapter", "convert", "convert_config", "convert_state_dict",
            "read_mamba_ssm_dir"]
