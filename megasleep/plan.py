@@ -210,7 +210,7 @@ def plan(config: str, nodes: int, gpus_per_node: int, gpu_mem_gib: float, precis
 
     exp = load_experiment(config, overrides)
     world = nodes * gpus_per_node
-    seq = seq or exp.data.loader.get("seq_len") or exp.sleep.window
+    seq = seq or exp.data.loader.seq_len or exp.sleep.window
     with torch.device(device):
         model = HybridLM(exp.model_cfg)
     act_dtype = torch.bfloat16 if precision in ("bf16", "autocast") and device == "meta" else torch.float32
