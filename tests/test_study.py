@@ -128,6 +128,7 @@ def test_compare_checks_a_rerun_against_the_reference_intervals(tmp_path):
         load_reference(tmp_path / "bad.json")
 
 
+@pytest.mark.slow  # subprocess training / DeepSpeed: out of the `-m 'not slow'` inner loop
 def test_small_study_end_to_end_and_reuse_of_finished_runs(tmp_path):
     study = tmp_path / "mini.yaml"
     study.write_text(

@@ -28,6 +28,7 @@ def fake_run(tmp_path, name: str, passes: int):
     return run
 
 
+@pytest.mark.slow  # subprocess training / DeepSpeed: out of the `-m 'not slow'` inner loop
 def test_diagnose_run_writes_json_and_labels(tmp_path, capsys):
     n1, n2 = fake_run(tmp_path, "N1-seed0", 1), fake_run(tmp_path, "N2-seed0", 2)
     diags = diagnose_run(n2, [1, 2], samples=16)

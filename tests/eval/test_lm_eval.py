@@ -64,6 +64,7 @@ def setup(tmp_path_factory):
     return dict(dir=d, tok=tok, ck=ck, tasks=tasks)
 
 
+@pytest.mark.slow  # subprocess training / DeepSpeed: out of the `-m 'not slow'` inner loop
 def test_lm_eval_cli_with_megasleep_model(setup):
     d = setup["dir"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(d / "hf"), "HF_DATASETS_OFFLINE": "1",
@@ -103,6 +104,7 @@ def test_lm_eval_cli_with_megasleep_model(setup):
     assert wppl == pytest.approx(math.exp(-total_ll / words), rel=1e-4)
 
 
+@pytest.mark.slow  # subprocess training / DeepSpeed: out of the `-m 'not slow'` inner loop
 def test_unknown_model_args_are_one_line_errors(setup):
     """A typo (sleep_pass for sleep_passes) must not run at another N: exit code 2, the key named."""
     d = setup["dir"]

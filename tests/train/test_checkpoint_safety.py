@@ -64,6 +64,7 @@ def copied_run(reference_run, tmp_path):
     return dst
 
 
+@pytest.mark.slow  # subprocess training / DeepSpeed: out of the `-m 'not slow'` inner loop
 def test_own_checkpoints_load_weights_only(reference_run):
     run_dir, _ = reference_run
     tag_dir = run_dir / "checkpoints" / "step_00000010"

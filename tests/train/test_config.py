@@ -140,6 +140,7 @@ def test_resume_from_incomplete_checkpoint(tmp_path, capsys):
     assert rc == 2 and "incomplete checkpoint" in err and str(tag) in err, err
 
 
+@pytest.mark.slow  # subprocess training / DeepSpeed: out of the `-m 'not slow'` inner loop
 def test_command_line_exit_status_and_message(tmp_path):
     """One real process: exit status 2, one error line, no traceback; and the print modes."""
     p = _cli("checkpoint.resume=/nonexistent/ckpts", f"run_dir={tmp_path}/run")

@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 import subprocess
 
+import pytest
+
 from tests.train.helpers import PY, ROOT, env
 
 
+@pytest.mark.slow  # subprocess training / DeepSpeed: out of the `-m 'not slow'` inner loop
 def test_demo_quick(tmp_path):
     out = tmp_path / "demo"
     p = subprocess.run([PY, "-m", "megasleep.cli", "demo", "--quick", "--ranks", "1", "--steps", "4", "--out", str(out)],

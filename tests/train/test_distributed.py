@@ -43,6 +43,7 @@ def runs(tmp_path_factory):
 
 
 @pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.slow  # subprocess training / DeepSpeed: out of the `-m 'not slow'` inner loop
 def test_two_ranks_match_one(runs, stage):
     from megasleep.checkpoint.weights import load_weights
 

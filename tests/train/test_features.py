@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from megasleep.sleep import SleepConfig
@@ -15,6 +16,7 @@ from tests.train.faults import fault_env
 from tests.train.helpers import run_train
 
 
+@pytest.mark.slow  # subprocess training / DeepSpeed: out of the `-m 'not slow'` inner loop
 def test_paper_recipe_switches(tmp_path):
     from megasleep.checkpoint.released import save_pretrained
     from megasleep.checkpoint.weights import load_weights
@@ -65,6 +67,7 @@ def test_paper_recipe_switches(tmp_path):
         assert "wandb is not installed" in p.stderr
 
 
+@pytest.mark.slow  # subprocess training / DeepSpeed: out of the `-m 'not slow'` inner loop
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path):
     """A NaN loss (fault hook) gives non-finite gradients: the step is skipped and logged, the weights
     stay finite (later losses are finite); `max_bad_steps` in a row stop the run with exit status 3,

@@ -141,6 +141,7 @@ def test_margin_shorter_than_the_last_save_warns():
     assert unknown.stderr == ""
 
 
+@pytest.mark.slow  # subprocess training / DeepSpeed: out of the `-m 'not slow'` inner loop
 def test_run_info_reports_the_last_measured_save(tmp_path):
     run = tmp_path / "run"
     tag = run / "checkpoints" / "step_00000004"
@@ -157,6 +158,7 @@ def test_run_info_reports_the_last_measured_save(tmp_path):
 
 
 @pytest.mark.parametrize("script", ["pretrain.sh", "eval.sh"])
+@pytest.mark.slow  # subprocess training / DeepSpeed: out of the `-m 'not slow'` inner loop
 def test_batch_that_cannot_divide_is_refused_before_any_rank_starts(tmp_path, script):
     """3 CPU ranks cannot split 8 sequences into micro-batches of 4: one line naming the config and
     the world size, exit 2, and no rank ever ran (no run directory)."""
@@ -171,6 +173,7 @@ def test_batch_that_cannot_divide_is_refused_before_any_rank_starts(tmp_path, sc
     assert not run.exists()
 
 
+@pytest.mark.slow  # subprocess training / DeepSpeed: out of the `-m 'not slow'` inner loop
 def test_usr1_during_the_checks_does_not_kill_the_script(tmp_path):
     """USR1 can arrive while the config check and preflight run (seconds, before any rank): bash's
     default would end the job there, unsaved and not requeued. Without SLURM the request is kept:

@@ -13,6 +13,8 @@ import os
 import signal
 import subprocess
 
+import pytest
+
 from tests.train.faults import fault_env
 from tests.train.golden import compare, read_golden
 from tests.train.helpers import FAST, ROOT, env, losses, run_train, status, train_cmd, wait_for
@@ -25,6 +27,7 @@ def test_golden_losses(reference_run):
         problems) + "\n(if intended: python tests/train/golden.py --update)"
 
 
+@pytest.mark.slow  # subprocess training / DeepSpeed: out of the `-m 'not slow'` inner loop
 def test_sigterm_then_resume_is_exact(reference_run, tmp_path):
     _, ref = reference_run
     run_dir = tmp_path / "run"
@@ -54,6 +57,7 @@ def test_sigterm_then_resume_is_exact(reference_run, tmp_path):
     assert got == ref, {s: (got.get(s), ref[s]) for s in ref if got.get(s) != ref[s]}
 
 
+@pytest.mark.slow  # subprocess training / DeepSpeed: out of the `-m 'not slow'` inner loop
 def test_sigkill_during_save_keeps_previous_checkpoint(reference_run, tmp_path):
     _, ref = reference_run
     run_dir = tmp_path / "run"
