@@ -127,6 +127,19 @@ def peak_memory_gb(device: torch.device) -> float:
     return kb / 2**20
 
 
+def _console():
+    """The ``megasleep.train`` logger, with the console handler of ``megasleep.cli`` installed if the
+    process has none yet (``deepspeed --module megasleep.train.cli`` does not go through ``megasleep.cli``)."""
+    import logging
+
+    root = logging.getLogger("megasleep")
+    if not any(getattr(h, "_megasleep_console", False) for h in root.handlers):
+        from megasleep.cli import setup_console_logging
+
+        setup_console_logging()
+    return logging.getLogger("megasleep.train")
+
+
 class MetricLogger:
     """Rank 0 writes; other ranks hold a no-op logger."""
 
@@ -134,6 +147,8 @@ class MetricLogger:
                  experiment: dict | None = None):
         self.enabled = enabled
         self.jsonl = self.tb = self.wandb = self.bar = None
+        # for the step / total and ETA of log lines where no progress bar is drawn (SLURM logs)
+        self.total_steps, self.start_step, self.t_start = total_steps, start_step, time.time()
         if not enabled:
             return
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -176,11 +191,20 @@ class MetricLogger:
             if self.bar is not None and not self.bar.disable:
                 self.bar.set_postfix_str(line, refresh=False)
             else:
-                self.write(f"[step {step}] {line}")
+                self.write(f"[step {step}/{self.total_steps}{self.eta(step)}] {line}")
         elif kind == "skipped":
             self.write(f"[step {step}] non-finite loss/gradient: step skipped "
                        f"(loss {metrics.get('loss')}, grad norm {metrics.get('grad_norm')}, "
                        f"{metrics.get('bad_in_row')} in a row)")
+
+    def eta(self, step: int) -> str:
+        """`` eta 1h02m`` from the mean step time since this process started ('' before the first step)."""
+        done = step - self.start_step
+        if done <= 0 or step >= self.total_steps:
+            return ""
+        left = (time.time() - self.t_start) / done * (self.total_steps - step)
+        h, m = divmod(int(left) // 60, 60)
+        return f" eta {h}h{m:02d}m" if h else f" eta {m}m{int(left) % 60:02d}s"
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None and not self.bar.disable:
@@ -192,7 +216,8 @@ class MetricLogger:
         if self.bar is not None and not self.bar.disable:
             self.bar.write(text, file=sys.stderr)
         else:
-            print(text, file=sys.stderr, flush=True)
+            # through the `megasleep` logger: a UTC timestamp on every line where stderr is not a terminal
+            _console().info(text)
 
     def close(self) -> None:
         if not self.enabled:
