@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from megasleep.atomic import atomic_write
 from megasleep.checkpoint.load import read_checkpoint
 from megasleep.checkpoint.released import save_state_dict_pretrained, tokenizer_path
 from megasleep.config import ConfigError, validate
@@ -112,9 +113,7 @@ def retrofit(src: str | os.PathLike, out: str | os.PathLike, insert: str | None 
               "insert": insert, "loop": loop, "origin": origin}
     path = save_state_dict_pretrained(new_state, new_cfg, out, tokenizer_path(src), sleep=sleep or None,
                                       source=source)
-    tmp = path / ".model.yaml.tmp"
-    tmp.write_text(yaml.safe_dump({"model": new_cfg.model_dump(mode="json")}, sort_keys=False))
-    os.replace(tmp, path / "model.yaml")
+    atomic_write(path / "model.yaml", yaml.safe_dump({"model": new_cfg.model_dump(mode="json")}, sort_keys=False))
     return path
 
 

@@ -34,6 +34,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Literal
 
+from megasleep.atomic import atomic_write
 from megasleep.data.errors import MissingShardError, ShardMismatchError, TokenizerMismatchError
 
 MANIFEST = "manifest.json"
@@ -66,9 +67,7 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
     path = d / MANIFEST
-    tmp = d / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return path
 
 
@@ -222,9 +221,8 @@ def _stamp_path(m: dict) -> Path:
 def _mark_verified(stamp: Path, m: dict) -> None:
     try:
         stamp.parent.mkdir(parents=True, exist_ok=True)
-        tmp = stamp.with_name(f"{stamp.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"manifest": m["_path"], "shards": len(m["shards"])}) + "\n")
-        os.replace(tmp, stamp)
+        atomic_write(stamp, json.dumps({"manifest": m["_path"], "shards": len(m["shards"])}) + "\n",
+                     suffix=f".{os.getpid()}.tmp")  # ranks / processes may stamp the same set at once
     except OSError as exc:  # a read-only home: the check is simply repeated next time
         warnings.warn(f"could not remember the sha256 check of {m['_path']} ({exc}); it will run again",
                       stacklevel=3)

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from megasleep.atomic import atomic_path
 from megasleep.data.errors import DataError
 from megasleep.data.manifest import MANIFEST, shard_record, write_manifest
 from megasleep.data.sample import encode_sample, make_sample
@@ -102,26 +103,25 @@ def _write_task_shard(job: dict) -> dict:
     tok = _WORKER_TOK if _WORKER_TOK is not None else load_tokenizer(job["tokenizer"])
     task = get_task(job["task"])
     path = Path(job["path"])
-    tmp = path.with_name(path.name + ".tmp")
     tokens = targets = no_target = 0
     digests = []
     diff_counts: dict[int, int] = {}
-    gz = _GzipFile(str(tmp)) if job.get("compress") else None
-    with wds.TarWriter(gz if gz is not None else str(tmp), **TAR_KW) as w:
-        for i in range(job["start"], job["end"]):
-            s = task.sample(job["seed"], job["split"], i, job["difficulties"], tok, **job["params"])
-            w.write(encode_sample(s, f"{job['split']}-{i:09d}"))
-            tokens += int(s["input_ids"].size)
-            n_targets = int(s["loss_mask"].sum())
-            targets += n_targets
-            no_target += n_targets == 0
-            d = int(s["meta"]["difficulty"])
-            diff_counts[d] = diff_counts.get(d, 0) + 1
-            if job["digests"]:
-                digests.append(_digest(s["input_ids"]))
-    if gz is not None:
-        gz.close()
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:  # a crash never leaves a torn shard under its final name
+        gz = _GzipFile(str(tmp)) if job.get("compress") else None
+        with wds.TarWriter(gz if gz is not None else str(tmp), **TAR_KW) as w:
+            for i in range(job["start"], job["end"]):
+                s = task.sample(job["seed"], job["split"], i, job["difficulties"], tok, **job["params"])
+                w.write(encode_sample(s, f"{job['split']}-{i:09d}"))
+                tokens += int(s["input_ids"].size)
+                n_targets = int(s["loss_mask"].sum())
+                targets += n_targets
+                no_target += n_targets == 0
+                d = int(s["meta"]["difficulty"])
+                diff_counts[d] = diff_counts.get(d, 0) + 1
+                if job["digests"]:
+                    digests.append(_digest(s["input_ids"]))
+        if gz is not None:
+            gz.close()
     rec = shard_record(path, job["end"] - job["start"], tokens, targets=targets, no_target=no_target)
     return {"record": rec, "digests": digests, "difficulties": diff_counts}
 

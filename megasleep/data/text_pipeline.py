@@ -21,6 +21,8 @@ from pathlib import Path
 
 import yaml
 
+from megasleep.atomic import atomic_write
+
 DEFAULT_MODEL = "configs/models/tiny.yaml"
 _log = logging.getLogger(__name__)
 
@@ -110,11 +112,9 @@ def build_text_experiment(
 
     cfg = experiment_config(out, tok.vocab_size, seq_len, window, passes, model, steps, batch_size)
     path = out / "experiment.yaml"
-    tmp = path.with_name(path.name + ".tmp")
     header = (f"# Written by `megasleep data text` for {', '.join(map(str, scan_inputs(inputs)))}\n"
               f"# ({n_docs} documents; tokenizer vocab_size {tok.vocab_size}). Train: megasleep train {path}\n")
-    tmp.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
-    os.replace(tmp, path)
+    atomic_write(path, header + yaml.safe_dump(cfg, sort_keys=False))
     log(f"experiment config -> {path}")
     return {"tokenizer": tok, "train": manifests["train"], "val": manifests["val"], "config": path}
 

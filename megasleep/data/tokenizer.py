@@ -22,6 +22,8 @@ import os
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+from megasleep.atomic import atomic_write
+
 UNK_ID, BOS_ID, EOS_ID, PAD_ID = 0, 1, 2, 3
 SPECIAL_PIECES = ("<unk>", "<s>", "</s>", "<pad>")
 
@@ -143,9 +145,7 @@ def _model_path(out: str | os.PathLike) -> Path:
 
 def _write_model(model_bytes: bytes, out: str | os.PathLike) -> Tokenizer:
     path = _model_path(out)
-    tmp = path.with_suffix(".model.tmp")
-    tmp.write_bytes(model_bytes)
-    os.replace(tmp, path)
+    atomic_write(path, model_bytes)
     return Tokenizer(model_bytes, str(path))
 
 

@@ -26,16 +26,12 @@ import math
 import os
 from pathlib import Path
 
+from megasleep.atomic import atomic_path, atomic_write
+
 RESULTS_NAME = "results.json"
 BUCKET_FIELDS = ["passes", "difficulty_name", "difficulty", "n_samples", "n_units", "correct", "accuracy", "ci_low",
                  "ci_high", "wilson_low", "wilson_high", "answer_loss", "answer_tokens", "teacher_forced_accuracy"]
 WINDOW_FIELDS = ["passes", "window", "tokens", "loss", "ppl", "mean_passes_used"]
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _clean(x):
@@ -50,13 +46,11 @@ def _clean(x):
 
 
 def write_csv(path: Path, fields: list[str], rows: list[dict]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         for r in rows:
             w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in fields})
-    os.replace(tmp, path)
 
 
 def write_results(out_dir: str | os.PathLike, doc: dict, records: list[dict], plots: bool = True) -> dict:
@@ -77,15 +71,13 @@ def write_results(out_dir: str | os.PathLike, doc: dict, records: list[dict], pl
     if bucket_rows:
         write_csv(out / "buckets.csv", BUCKET_FIELDS, bucket_rows)
         files["buckets_csv"] = "buckets.csv"
-    tmp = out / "samples.jsonl.tmp"
-    with open(tmp, "w") as f:
+    with atomic_path(out / "samples.jsonl") as tmp, open(tmp, "w") as f:
         for r in records:
             f.write(json.dumps(_clean(r), sort_keys=True) + "\n")
-    os.replace(tmp, out / "samples.jsonl")
     if plots:
         files.update(make_plots(out, doc))
     doc["files"] = files
-    _atomic_write(out / RESULTS_NAME, json.dumps(_clean(doc), indent=1, sort_keys=False) + "\n")
+    atomic_write(out / RESULTS_NAME, json.dumps(_clean(doc), indent=1, sort_keys=False) + "\n")
     return files
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from megasleep.atomic import atomic_write
 from megasleep.sleep.diagnostics import collapse_diagnostics, collapse_status, diagnostics_table
 
 DIAG_FILE = "diagnostics.json"
@@ -49,9 +50,8 @@ def diagnose_run(run_dir: str | Path, passes: list[int], samples: int | None = N
     batches = [as_batch(collate(items[i:i + batch_size], tok.pad_id)) for i in range(0, len(items), batch_size)]
     out = {f"N={n}": collapse_diagnostics(model, batches, cfg.sleep.model_copy(update={"passes": n}), tok.pad_id)
            for n in passes}
-    tmp = run_dir / (DIAG_FILE + ".tmp")
-    tmp.write_text(json.dumps({"passes": passes, "samples": len(items), "diagnostics": out}, indent=1))
-    os.replace(tmp, run_dir / DIAG_FILE)
+    atomic_write(run_dir / DIAG_FILE, json.dumps({"passes": passes, "samples": len(items), "diagnostics": out},
+                                                 indent=1))
     return out
 
 

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 
+from megasleep.atomic import atomic_write
 from megasleep.train.config import REPO_ROOT
 
 NOISE = ("FutureWarning", "return func(", "warnings.warn")
@@ -100,9 +101,7 @@ def run_study(cfg, runs, *, jobs: int = 1, fresh: bool = False, echo: bool = Tru
             from megasleep.study.diagnose import diagnose_run
 
             res["diagnostics"] = diagnose_run(run_dir, cfg.eval_passes, cfg.eval_samples)
-        tmp = done.with_suffix(".tmp")
-        tmp.write_text(json.dumps(res, indent=1))
-        os.replace(tmp, done)  # a run counts as finished only once its result is complete
+        atomic_write(done, json.dumps(res, indent=1))  # a run counts as finished only once its result is complete
         _log(f"{spec.dirname}: {res['steps']} steps in {res['seconds'] / 60:.1f} min, final loss "
              f"{res['final_loss']:.4f}")
         return res

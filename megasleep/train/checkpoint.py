@@ -12,7 +12,7 @@ Layout of ``<run_dir>/checkpoints/``::
 Protocol: every rank writes its DeepSpeed shards and its ``megasleep_rank*.pt``; the ranks agree
 that every write succeeded (an all-reduce, so a full disk on one rank stops all of them with one
 line that says the disk is full); rank 0 writes ``megasleep.json`` and then switches ``latest``
-(both through :func:`atomic_path`: write ``.tmp``, fsync, ``os.replace``). A process killed at any
+(both through :func:`megasleep.atomic.atomic_path`: write ``.tmp``, fsync, ``os.replace``). A process killed at any
 point before the switch leaves ``latest`` naming the previous checkpoint, which is untouched; the half-written directory has no marker, is never loaded,
 and is deleted by the next successful save. ``latest`` has DeepSpeed's format (a bare tag), so
 DeepSpeed's ``load_checkpoint`` and ``zero_to_fp32.py`` read it too. Keep-last-k counts complete
@@ -30,7 +30,6 @@ another number of ranks (``megasleep.train.reshard``).
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import json
 import os
@@ -47,6 +46,7 @@ import torch
 
 # CheckpointError lives with the other checkpoint errors, so train.reshard raises it without importing this
 # module back (no import circle); importing it from here keeps working
+from megasleep.atomic import atomic_path, atomic_write  # noqa: F401 (atomic_write: re-exported)
 from megasleep.checkpoint.errors import CheckpointError  # noqa: F401
 
 MARKER = "megasleep.json"
@@ -60,45 +60,6 @@ def tag_for(step: int) -> str:
 
 def rank_file(rank: int) -> str:
     return f"megasleep_rank{rank:05d}.pt"
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-@contextlib.contextmanager
-def atomic_path(path: str | Path):
-    """Yield a temporary path next to ``path``; on success fsync it and rename it over ``path``.
-
-    The one write-then-rename of the checkpoint code: a crash (or a full disk) at any point leaves
-    either the old file or the new one, never a torn one, and no ``.tmp`` behind on errors."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        yield tmp
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Write text or bytes to ``path`` atomically (see :func:`atomic_path`)."""
-    with atomic_path(path) as tmp:
-        if isinstance(data, str):
-            tmp.write_text(data)
-        else:
-            tmp.write_bytes(data)
 
 
 def atomic_torch_save(obj: Any, path: str | Path) -> None:

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from megasleep.atomic import atomic_write
+
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGINT")
 
 
@@ -73,9 +75,7 @@ class RunStatus:
         rec = {"state": state, "step": self.step, "steps": self.steps, "time": time.time(),
                "world_size": self.world, **extra}
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_dir / "status.json.tmp"
-        tmp.write_text(json.dumps(rec, indent=1))
-        os.replace(tmp, self.run_dir / "status.json")
+        atomic_write(self.run_dir / "status.json", json.dumps(rec, indent=1))
         self.started = True
 
     def fail(self, exc: BaseException) -> None:
@@ -100,9 +100,7 @@ def unmark_checkpoint(ckpt_dir: Path, step: int) -> None:
     tags = complete_tags(Path(ckpt_dir))
     latest = Path(ckpt_dir) / LATEST
     if tags:
-        tmp = latest.with_name(LATEST + ".tmp")
-        tmp.write_text(tags[-1])
-        os.replace(tmp, latest)
+        atomic_write(latest, tags[-1])
     else:
         latest.unlink(missing_ok=True)
 
