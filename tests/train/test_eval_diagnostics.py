@@ -39,6 +39,12 @@ def test_training_eval_carries_diagnostics_and_eval_defaults_to_the_recorded_tas
     assert evals[-1]["N=2"]["collapse_status"] == results[2]["collapse_status"]
     source = json.loads((run / "export" / "config.json").read_text())["source"]
     assert source["data"]["task"]["name"] == "rule110" and source["data"]["task"]["params"] == RECORDED
+    # `megasleep export` of the run's DeepSpeed checkpoint records the same task
+    exp = tmp_path / "exported"
+    p = subprocess.run([PY, "-m", "megasleep.cli", "export", str(run / "checkpoints"), "--out", str(exp)], cwd=ROOT,
+                       env=env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert json.loads((exp / "config.json").read_text())["source"]["data"]["task"] == source["data"]["task"]
 
     out = tmp_path / "eval"
     cmd = [PY, "-m", "megasleep.cli", "eval", "--checkpoint", str(run / "export"), "--task", "rule110",
