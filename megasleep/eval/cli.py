@@ -76,8 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate even if the data's tokenizer hash differs from the checkpoint's")
     p.add_argument("--chance", type=float, default=None,
                    help="accuracy of guessing, drawn in the plots (default: the task's, where it fixes one)")
-    p.add_argument("--diagnostics-batches", type=int, default=8, metavar="K",
-                   help="collapse diagnostics per N on the first K batches (default 8; 0: off)")
+    p.add_argument("--diagnostics-samples", type=int, default=64, metavar="K",
+                   help="collapse diagnostics per N on K samples spread over the data (default 64; 0: off)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
@@ -210,7 +210,7 @@ def run(args) -> Path:
                                 or "hard", adaptive_tol=args.adaptive_tol, batch_size=args.batch_size,
                                 bootstrap=args.bootstrap, seed=args.seed, scoring=args.scoring,
                                 max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-                                diagnostics_batches=max(0, args.diagnostics_batches))
+                                diagnostics_samples=max(0, args.diagnostics_samples))
         results, records = evaluate(model, data, settings, tokenizer)
 
     import megasleep

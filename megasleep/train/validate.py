@@ -13,7 +13,7 @@ So the accuracy a run logs is the one ``megasleep eval`` and the study tables re
 *units* over units (a Depo query is a unit), for the same model, N and samples.
 
 With ``eval.diagnostics`` every N also gets the collapse diagnostics (:mod:`megasleep.sleep.diagnostics`)
-of this rank's first :data:`DIAG_BATCHES` batches (rank 0's are the ones logged), measured on the
+of this rank's first :data:`DIAG_SAMPLES` samples (rank 0's are the ones logged), measured on the
 underlying model outside the engine — under ZeRO-3 inside ``GatheredParameters`` on every rank, since
 gathering is collective. They are logged as ``N=2/diag/...`` and stored in each N's result.
 """
@@ -42,7 +42,9 @@ from megasleep.sleep import SleepConfig
 from megasleep.sleep.diagnostics import PREFIX as DIAG_PREFIX
 from megasleep.sleep.diagnostics import max_key_share
 
-DIAG_BATCHES = 4  # batches per N the collapse diagnostics are measured on (each costs two extra forwards)
+# samples per N the collapse diagnostics are measured on: they cost two extra forwards and per-sample
+# spectra, about 2.5 times the scoring itself per sample (tiny demo on a CPU)
+DIAG_SAMPLES = 64
 
 
 class Validator:
@@ -81,14 +83,14 @@ class Validator:
         return results
 
     def diagnostics(self, cfg: SleepConfig) -> dict:
-        """``{"diagnostics", "collapse_status"}`` of the model at ``cfg.passes`` on this rank's first batches."""
+        """``{"diagnostics", "collapse_status"}`` of the model at ``cfg.passes`` on this rank's first samples."""
         gather = contextlib.nullcontext()
         if self.zero3:
             import deepspeed
 
             gather = deepspeed.zero.GatheredParameters(list(self.model.parameters()))
         with gather:  # entered on every rank (collective), even one without a usable batch
-            diag = batch_diagnostics(self.model, (b for _, b in self.batches), cfg, self.pad_id, DIAG_BATCHES)
+            diag = batch_diagnostics(self.model, (b for _, b in self.batches), cfg, self.pad_id, DIAG_SAMPLES)
         return diag or {"diagnostics": None, "collapse_status": "not measured (no batch of >= 2 samples)"}
 
     def validate(self, step: int, metrics=None, run_dir: Path | None = None) -> list[dict]:
