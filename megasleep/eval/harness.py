@@ -178,10 +178,10 @@ def score_batch(forward: Forward, batch: dict, indices: list[int], cfg: SleepCon
         tally.records.append(rec)
 
 
-def batch_diagnostics(model, batches: Iterable[dict], cfg: SleepConfig, pad_id: int | None,
+def batch_diagnostics(model, collated: Iterable[dict], cfg: SleepConfig, pad_id: int | None,
                       max_samples: int) -> dict | None:
-    """Collapse diagnostics of ``model`` at ``cfg.passes`` on the first ``max_samples`` rows of
-    ``batches`` (collated, :func:`megasleep.data.sample.collate`), in pieces of at least 2 rows (memory
+    """Collapse diagnostics of ``model`` at ``cfg.passes`` on the first ``max_samples`` rows of the
+    batches ``collated`` (:func:`megasleep.data.sample.collate`), in pieces of at least 2 rows (memory
     worth gives each row another row's fast weights): ``{"diagnostics": {"diag/...": value},
     "collapse_status": status}`` with the status against the model's own wake pass, or None when no
     piece qualifies. Their cost grows with the rows (two extra forwards and per-sample spectra)."""
@@ -189,7 +189,7 @@ def batch_diagnostics(model, batches: Iterable[dict], cfg: SleepConfig, pad_id: 
     from megasleep.train.data import as_batch
 
     chosen, rows = [], 0
-    for b in batches:
+    for b in collated:
         take = min(len(b["input_ids"]), max_samples - rows)
         if take < 2:
             break
@@ -420,6 +420,5 @@ def summary_line(results: list[dict]) -> str:
 
 
 __all__ = ["CollectingRunner", "EvalSettings", "Forward", "Tally", "batch_diagnostics", "by_passes", "direct_forward",
-           "evaluate",
-           "evaluate_passes", "greedy_generate", "greedy_stream", "next_tokens", "score_batch", "summarize",
+           "evaluate", "evaluate_passes", "greedy_generate", "greedy_stream", "next_tokens", "score_batch", "summarize",
            "summary_line", "unit_stats"]
