@@ -208,3 +208,26 @@ def test_a_run_is_trained_by_one_invocation_at_a_time(tmp_path):
             assert time.time() - t0 >= 0.45
     finally:
         owner.kill()
+
+
+def test_verdict_does_not_count_a_collapsed_run():
+    """A run whose sleep passes collapsed (diagnostics carried by its training evaluation) is left out of
+    its group's pooled accuracy and named; a group of only collapsed runs gets no verdict."""
+    ok = {"diag/passes": 2.0, "diag/pass1/G1/key_share": 0.3, "diag/pass2/G1/key_share": 0.4}
+    collapsed = {"diag/passes": 2.0, "diag/pass1/G1/key_share": 0.3, "diag/pass2/G1/key_share": 0.97}
+    results = [_fake("N=1", 1, 0, {"3": 0.50}), _fake("N=1", 1, 1, {"3": 0.50}),
+               _fake("N=2", 2, 0, {"3": 0.90}), _fake("N=2", 2, 1, {"3": 0.50})]
+    results[2]["eval"][0]["diagnostics"] = collapsed   # the "good" seed collapsed: not evidence
+    results[3]["eval"][0]["diagnostics"] = ok
+    lines = verdict(results, 0.5)
+    assert lines[1].startswith("N=2 at N=2: 0.500") and "not separable" in lines[1]
+    assert "0 of 1 seed(s)" in lines[1] and "not counted as evidence about sleep: N2-seed0" in lines[1]
+    assert "collapsed" not in lines[0]
+    results[3]["eval"][0]["diagnostics"] = collapsed
+    lines = verdict(results, 0.5)
+    assert lines[1] == ("N=2: every run collapsed, no verdict (collapsed run(s) not counted as evidence about "
+                        "sleep: N2-seed0, N2-seed1).")
+    # diagnostics measured after training (study option `diagnostics`) decide the same way
+    results[2]["eval"][0].pop("diagnostics")
+    results[2]["diagnostics"] = {"N=2": ok}
+    assert "not counted as evidence about sleep: N2-seed1" in verdict(results, 0.5)[1]

@@ -4,6 +4,12 @@
     megasleep eval --checkpoint DIR (--data SHARDS | --task rule110|depo|gsm [--difficulty 1-16])
                    --sleep-passes 1,2,4,8 [--window L] [--eviction hard|sliding] [--max-examples K]
                    [--adaptive-tol X] [--out RESULTS_DIR]
+
+With ``--task`` and a checkpoint that records the task it was trained on (``config.json`` ->
+``source.data.task``, written by the trainer's export and ``megasleep export``), the generator
+parameters and difficulty default to the recorded ones (said in one line); parameters given that
+differ from them are evaluated as given, with a one-line warning. Every N also gets the collapse
+diagnostics (:mod:`megasleep.sleep.diagnostics`), stored in its result and printed as a table.
 """
 
 from __future__ import annotations
@@ -70,6 +76,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate even if the data's tokenizer hash differs from the checkpoint's")
     p.add_argument("--chance", type=float, default=None,
                    help="accuracy of guessing, drawn in the plots (default: the task's, where it fixes one)")
+    p.add_argument("--diagnostics-samples", type=int, default=64, metavar="K",
+                   help="collapse diagnostics per N on K samples spread over the data (default 64; 0: off)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
 
@@ -86,6 +94,46 @@ def _parse_params(items: list[str]) -> dict:
         path, value = parse_override(it)
         out[".".join(path)] = value
     return out
+
+
+def recorded_task(info: dict) -> dict | None:
+    """The task a checkpoint was trained on (``source.data.task`` of an export), or None."""
+    data = (info.get("source") or {}).get("data") or {}
+    task = data.get("task") if isinstance(data, dict) and data.get("source") == "task" else None
+    return task if isinstance(task, dict) and task.get("name") else None
+
+
+def task_settings(args, info: dict) -> tuple[dict, object, list[str]]:
+    """(generator parameters, difficulty, notes) for ``--task``: what the user gave, else what the
+    checkpoint records for that task, else the task's defaults; a note when they default or differ."""
+    from megasleep.data.tasks import TASKS
+
+    given = _parse_params(args.task_param)
+    rec = recorded_task(info)
+    if rec is None:
+        return given, args.difficulty or TASK_DIFFICULTIES.get(args.task, "1"), []
+    where = f"{args.checkpoint} (config.json source.data.task)"
+    if rec["name"] != args.task:
+        return given, args.difficulty or TASK_DIFFICULTIES.get(args.task, "1"), [
+            f"warning: {where} was trained on task {rec['name']!r}, not {args.task!r}: using {args.task}'s defaults"]
+    spec, rec_params = TASKS[args.task], dict(rec.get("params") or {})
+    rec_diff = rec.get("eval_difficulty") or rec.get("difficulty")
+    notes = []
+    if not given:
+        params = rec_params
+        if rec_params:
+            notes.append(f"using the task parameters recorded in {where}: {rec_params} (--task-param overrides)")
+    else:
+        params = given
+        theirs, ours = spec.params(**rec_params), spec.params(**given)
+        diff = {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs.get(k)}
+        if diff:
+            notes.append(f"warning: task parameters differ from those {where} was trained with: "
+                         + ", ".join(f"{k}={a!r} (trained {b!r})" for k, (a, b) in diff.items()))
+    if args.difficulty is None and rec_diff is not None:
+        notes.append(f"using the difficulty recorded in {where}: {rec_diff} (--difficulty overrides)")
+        return params, rec_diff, notes
+    return params, args.difficulty or TASK_DIFFICULTIES.get(args.task, "1"), notes
 
 
 def run(args) -> Path:
@@ -109,6 +157,10 @@ def run(args) -> Path:
             raise D.UnknownTaskError(f"unknown task {args.task!r}; known tasks: {sorted(TASKS)}")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     info = checkpoint_info(args.checkpoint)
+    if args.task:
+        task_params, task_difficulty, notes = task_settings(args, info)
+        for line in notes:
+            print(f"[megasleep eval] {line}", file=sys.stderr, flush=True)
     model = load_pretrained(args.checkpoint, device=device, dtype=args.dtype)
     print(f"[megasleep eval] {args.checkpoint}: read with the {info['format']} adapter", file=sys.stderr)
     tok_file = Path(args.tokenizer) if args.tokenizer else tokenizer_path(args.checkpoint)
@@ -124,9 +176,8 @@ def run(args) -> Path:
         if args.task:
             if tokenizer is None:
                 tokenizer = D.resolve_tokenizer(None, args.task, Path(tmp))
-            data = D.generate_task_data(args.task, tokenizer, args.n_examples,
-                                        args.difficulty or TASK_DIFFICULTIES.get(args.task, "1"), args.seed,
-                                        args.split, _parse_params(args.task_param))
+            data = D.generate_task_data(args.task, tokenizer, args.n_examples, task_difficulty, args.seed,
+                                        args.split, task_params)
             if args.max_examples is not None:
                 data.samples = data.samples[:args.max_examples]
                 data.info["n_examples"] = len(data.samples)
@@ -160,7 +211,8 @@ def run(args) -> Path:
         settings = EvalSettings(passes=passes, window=int(window), eviction=args.eviction or ck_sleep.get("eviction")
                                 or "hard", adaptive_tol=args.adaptive_tol, batch_size=args.batch_size,
                                 bootstrap=args.bootstrap, seed=args.seed, scoring=args.scoring,
-                                max_new_tokens=args.max_new_tokens, progress=not args.no_progress)
+                                max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
+                                diagnostics_samples=max(0, args.diagnostics_samples))
         results, records = evaluate(model, data, settings, tokenizer)
 
     import megasleep
@@ -196,6 +248,20 @@ def _summary(out: Path) -> str:
     return compare([str(out)])
 
 
+def diagnostics_summary(out: Path) -> str:
+    """The collapse diagnostics of every N evaluated, as a table with each N's status ("" if none)."""
+    import json
+
+    from megasleep.sleep.diagnostics import diagnostics_table
+
+    results = json.loads((out / "results.json").read_text())["results"]
+    rows = {f"N={r['passes']}": (r["diagnostics"], r["collapse_status"]) for r in results if r.get("diagnostics")}
+    if not rows:
+        return ""
+    return ("collapse diagnostics (consolidation windows; status against the model's own wake pass):\n"
+            + diagnostics_table(rows))
+
+
 def main(args) -> int:
     mode = getattr(args, "eval_mode", None)
     if mode == "compare":
@@ -212,5 +278,8 @@ def main(args) -> int:
         return lm_main(rest)
     out = run(args)
     print(_summary(out))
+    diag = diagnostics_summary(out)
+    if diag:
+        print("\n" + diag)
     print(f"\nresults written to {out}")
     return 0

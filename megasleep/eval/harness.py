@@ -12,6 +12,8 @@ studies, the demo and ``megasleep eval compare``: one results schema (see :mod:`
 * :func:`summarize` turns a tally into the result of one N: accuracy = correct units / units, with a
   Wilson interval (units independent) and a sample-level bootstrap interval (a sample's units
   resampled together) side by side, answer loss, loss per window, GSM AUC.
+* :func:`batch_diagnostics` adds the collapse diagnostics of that N (:mod:`megasleep.sleep.diagnostics`)
+  measured on some of the same samples, under ``diagnostics`` / ``collapse_status`` of the result.
 
 Teacher-forced exact match of all of a unit's tokens equals greedy decoding of that unit (each token
 is predicted from a correct prefix until the first mistake, which makes the unit wrong either way).
@@ -100,6 +102,7 @@ class EvalSettings:
     scoring: str = "auto"              # auto | teacher | generate
     max_new_tokens: int | None = None  # GSM generation budget (None: the answer's token count)
     progress: bool = True
+    diagnostics_samples: int = 0       # collapse diagnostics per N on this many samples, evenly spread (0: none)
 
     def sleep_config(self, passes: int) -> SleepConfig:
         return SleepConfig(window=self.window, passes=passes, eviction=self.eviction,
@@ -175,6 +178,30 @@ def score_batch(forward: Forward, batch: dict, indices: list[int], cfg: SleepCon
         tally.records.append(rec)
 
 
+def batch_diagnostics(model, collated: Iterable[dict], cfg: SleepConfig, pad_id: int | None,
+                      max_samples: int) -> dict | None:
+    """Collapse diagnostics of ``model`` at ``cfg.passes`` on the first ``max_samples`` rows of the
+    batches ``collated`` (:func:`megasleep.data.sample.collate`), in pieces of at least 2 rows (memory
+    worth gives each row another row's fast weights): ``{"diagnostics": {"diag/...": value},
+    "collapse_status": status}`` with the status against the model's own wake pass, or None when no
+    piece qualifies. Their cost grows with the rows (two extra forwards and per-sample spectra)."""
+    from megasleep.sleep.diagnostics import collapse_diagnostics, collapse_status
+    from megasleep.train.data import as_batch
+
+    chosen, rows = [], 0
+    for b in collated:
+        take = min(len(b["input_ids"]), max_samples - rows)
+        if take < 2:
+            break
+        one = as_batch(b)
+        chosen.append({k: v[:take] for k, v in one.items()})
+        rows += take
+    if not chosen:
+        return None
+    diag = collapse_diagnostics(model, chosen, cfg, pad_id)
+    return {"diagnostics": diag, "collapse_status": collapse_status(diag)}
+
+
 def _device_of(model) -> torch.device:
     return next(model.parameters()).device
 
@@ -243,6 +270,12 @@ def evaluate_passes(model, data: EvalData, settings: EvalSettings, passes: int, 
         _gsm_generate(model, cfg, data, tally.records, settings, tokenizer, pad_id)
     result = summarize(tally, settings, passes, data.task if data.kind == "task" else None)
     result.update(seconds=round(time.perf_counter() - t0, 3), scoring=scoring if data.kind == "task" else None)
+    if settings.diagnostics_samples:
+        k = min(settings.diagnostics_samples, len(data.samples))  # evenly spread: every difficulty, every length
+        chosen = [data.samples[i * len(data.samples) // k] for i in range(k)] if k else []
+        diag = batch_diagnostics(model, (b for _, b in batches(chosen, settings.batch_size, pad_id)), cfg,
+                                 pad_id if tokenizer is not None else None, k)
+        result.update(diag or {"diagnostics": None, "collapse_status": "not measured (fewer than 2 samples)"})
     return result, tally.records
 
 
@@ -386,6 +419,6 @@ def summary_line(results: list[dict]) -> str:
     return " | ".join(parts)
 
 
-__all__ = ["CollectingRunner", "EvalSettings", "Forward", "Tally", "by_passes", "direct_forward", "evaluate",
-           "evaluate_passes", "greedy_generate", "greedy_stream", "next_tokens", "score_batch", "summarize",
+__all__ = ["CollectingRunner", "EvalSettings", "Forward", "Tally", "batch_diagnostics", "by_passes", "direct_forward",
+           "evaluate", "evaluate_passes", "greedy_generate", "greedy_stream", "next_tokens", "score_batch", "summarize",
            "summary_line", "unit_stats"]

@@ -79,11 +79,36 @@ def _n_of(key: str) -> int:
     return int(key.split("=")[1])
 
 
+def run_diagnostics(run: dict) -> dict[str, dict[str, float]]:
+    """A study run's diagnostics by N (``{"N=2": {...}}``): measured after training (``run["diagnostics"]``,
+    study option ``diagnostics``) or, else, those its training evaluation carried (``eval.diagnostics``)."""
+    if run.get("diagnostics"):
+        return run["diagnostics"]
+    ev = run.get("eval")
+    if not isinstance(ev, list):
+        return {}
+    return {f"N={r['passes']}": r["diagnostics"] for r in ev if isinstance(r, dict) and r.get("diagnostics")}
+
+
+def diagnosed_runs(results: list[dict]) -> dict[str, tuple[int, dict[str, dict[str, float]]]]:
+    """``name -> (trained N, diagnostics by N)`` of the runs that have diagnostics (input of :func:`status_rows`)."""
+    out = {}
+    for r in results:
+        diags = run_diagnostics(r)
+        if diags:
+            out[r["name"]] = (r["passes"] or max(_n_of(k) for k in diags), diags)
+    return out
+
+
+def run_statuses(results: list[dict]) -> dict[str, str]:
+    """``name -> collapse status`` at the run's own N (runs without diagnostics are left out)."""
+    return {name: status for name, (_, status) in status_rows(diagnosed_runs(results)).items()}
+
+
 def diagnostics_section(results: list[dict]) -> list[str]:
     """Lines of a study report (``results.md``): every run's diagnostics at its own N and its collapse
     status, and which runs cannot count as evidence about sleep. Empty when no run was diagnosed."""
-    runs = {r["name"]: (r["passes"] or max(_n_of(k) for k in r["diagnostics"]), r["diagnostics"])
-            for r in results if r.get("diagnostics")}
+    runs = diagnosed_runs(results)
     if not runs:
         return []
     rows = status_rows(runs)

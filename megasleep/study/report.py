@@ -17,7 +17,7 @@ from pathlib import Path
 
 from megasleep.eval.harness import by_passes
 from megasleep.eval.scoring import wilson
-from megasleep.study.diagnose import diagnostics_section
+from megasleep.study.diagnose import diagnostics_section, run_statuses
 
 
 def _num(s: str):
@@ -136,15 +136,27 @@ def cost_table(results: list[dict]) -> str:
 
 
 def verdict(results: list[dict], chance: float) -> list[str]:
-    """One sentence per trained N against N=1, decided by the pooled intervals (and said as such)."""
+    """One sentence per trained N against N=1, decided by the pooled intervals (and said as such).
+
+    Runs whose collapse status (:mod:`megasleep.study.diagnose`) is ``collapsed`` are not counted: their
+    sleep passes' features converged to one direction, an optimisation failure rather than a measurement
+    of what sleep can do. Each line names the runs it left out."""
     groups = group(results)
     base = groups.get("N=1")
     out = []
     if base is None:
         return ["(no N=1 model in this study: no comparison against the awake-only baseline)"]
+    collapsed = {name for name, status in run_statuses(results).items() if status == "collapsed"}
     c1, t1 = pooled(base, 1)
     lo1, hi1 = wilson(c1, t1)
-    for label, runs in groups.items():
+    for label, all_runs in groups.items():
+        runs = [r for r in all_runs if r["name"] not in collapsed]
+        left_out = [r["name"] for r in all_runs if r["name"] in collapsed]
+        skipped = (f"collapsed run(s) not counted as evidence about sleep: {', '.join(left_out)}"
+                   if left_out else "")
+        if not runs:
+            out.append(f"{label}: every run collapsed, no verdict ({skipped}).")
+            continue
         n = own_n(runs[0])
         c, t = pooled(runs, n)
         lo, hi = wilson(c, t)
@@ -161,7 +173,7 @@ def verdict(results: list[dict], chance: float) -> list[str]:
             rel = "baseline"
         lo_c = "above chance" if lo > chance else "not above chance"
         out.append(f"{label} at N={n}: {c / max(t, 1):.3f} [{lo:.3f}, {hi:.3f}] — {rel}; {lo_c} "
-                   f"(chance {chance:g}).")
+                   f"(chance {chance:g})" + (f"; {skipped}." if skipped else "."))
     return out
 
 

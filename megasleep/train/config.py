@@ -188,6 +188,8 @@ class EvalConfig(StrictModel):
     samples: int = Field(256, ge=1, description="evaluation sequences (all ranks together)")
     batch_size: int | None = Field(None, ge=1, description="default: train.micro_batch_size")
     at_end: bool = True
+    diagnostics: bool = Field(True, description="also measure the collapse diagnostics of every N evaluated "
+                                                "(key share, residual RMS, memory worth; docs/sleep.md)")
 
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:

@@ -34,6 +34,7 @@ from megasleep.train.checkpoint import (
     LATEST,
     CheckpointError,
     CheckpointManager,
+    data_record,
     resolve_resume,
     rng_state,
     set_rng_state,
@@ -192,7 +193,8 @@ class Trainer:
         def forward(ids, mask, docs, sleep_cfg):  # through the engine: ZeRO-3 gathers parameters as in training
             return self.engine(ids, mask, docs, sleep_cfg, None, False, runner_cls=CollectingRunner)
 
-        return build_validator(self.cfg, self.tokenizer, forward, self.rank, self.world, self.device)
+        return build_validator(self.cfg, self.tokenizer, forward, self.rank, self.world, self.device,
+                               model=self.model, zero3=self.zero_stage == 3)
 
     def _tok_hash(self) -> str | None:
         return self.tokenizer.hash if self.tokenizer is not None else None
@@ -400,7 +402,8 @@ class Trainer:
             tok = self.tokenizer.path if self.tokenizer is not None else None
             export_state_dict(state, self.cfg.model, out, tok, sleep=self.cfg.sleep.model_dump(mode="json"),
                               source={"kind": "megasleep-train", "run_dir": str(self.run_dir.resolve()),
-                                      "step": self.step, "experiment": self.cfg.name})
+                                      "step": self.step, "experiment": self.cfg.name,
+                                      "data": data_record(self.cfg.resolved())})
             self.metrics.write(f"[megasleep] exported {out}")
         self.barrier()
         return out

@@ -11,10 +11,16 @@ CE are kept, never ``[B, T, V]`` logits. Each rank scores its share of the batch
 same number: ZeRO-3 forwards are collective); :meth:`megasleep.eval.harness.Tally.reduce` merges them.
 So the accuracy a run logs is the one ``megasleep eval`` and the study tables report: correct
 *units* over units (a Depo query is a unit), for the same model, N and samples.
+
+With ``eval.diagnostics`` every N also gets the collapse diagnostics (:mod:`megasleep.sleep.diagnostics`)
+of this rank's first :data:`DIAG_SAMPLES` samples (rank 0's are the ones logged), measured on the
+underlying model outside the engine — under ZeRO-3 inside ``GatheredParameters`` on every rank, since
+gathering is collective. They are logged as ``N=2/diag/...`` and stored in each N's result.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import sys
@@ -23,17 +29,34 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from megasleep.eval.harness import EvalSettings, Forward, Tally, score_batch, summarize, summary_line
+from megasleep.eval.harness import (
+    EvalSettings,
+    Forward,
+    Tally,
+    batch_diagnostics,
+    score_batch,
+    summarize,
+    summary_line,
+)
 from megasleep.sleep import SleepConfig
+from megasleep.sleep.diagnostics import PREFIX as DIAG_PREFIX
+from megasleep.sleep.diagnostics import max_key_share
+
+# samples per N the collapse diagnostics are measured on: they cost two extra forwards and per-sample
+# spectra, about 2.5 times the scoring itself per sample (tiny demo on a CPU)
+DIAG_SAMPLES = 64
 
 
 class Validator:
     """``should_validate(step)`` / ``validate(step)`` over fixed batches ``[(sample indices, batch)]``."""
 
     def __init__(self, forward: Forward, batches: list[tuple[list[int], dict]], sleep: SleepConfig, passes: list[int],
-                 every: int, device: torch.device, task: str | None = None, bootstrap: int = 1000, seed: int = 0):
+                 every: int, device: torch.device, task: str | None = None, bootstrap: int = 1000, seed: int = 0,
+                 model: torch.nn.Module | None = None, pad_id: int | None = None, zero3: bool = False):
         self.forward, self.batches, self.sleep, self.passes = forward, batches, sleep, list(passes)
         self.every, self.device, self.task = every, device, task
+        # collapse diagnostics need the plain model (None: not measured); pad positions are left out
+        self.model, self.pad_id, self.zero3 = model, pad_id, zero3
         self.settings = EvalSettings(passes=self.passes, window=sleep.window, eviction=sleep.eviction,
                                      adaptive_tol=sleep.adaptive_tol, bootstrap=bootstrap, seed=seed,
                                      scoring="teacher", progress=False)
@@ -53,8 +76,22 @@ class Validator:
             tally = Tally()
             for idx, batch in self.batches:
                 score_batch(self.forward, batch, idx, cfg, tally, self.device)
-            results.append(summarize(tally.reduce(), self.settings, n, self.task))
+            result = summarize(tally.reduce(), self.settings, n, self.task)
+            if self.model is not None:
+                result.update(self.diagnostics(cfg))
+            results.append(result)
         return results
+
+    def diagnostics(self, cfg: SleepConfig) -> dict:
+        """``{"diagnostics", "collapse_status"}`` of the model at ``cfg.passes`` on this rank's first samples."""
+        gather = contextlib.nullcontext()
+        if self.zero3:
+            import deepspeed
+
+            gather = deepspeed.zero.GatheredParameters(list(self.model.parameters()))
+        with gather:  # entered on every rank (collective), even one without a usable batch
+            diag = batch_diagnostics(self.model, (b for _, b in self.batches), cfg, self.pad_id, DIAG_SAMPLES)
+        return diag or {"diagnostics": None, "collapse_status": "not measured (no batch of >= 2 samples)"}
 
     def validate(self, step: int, metrics=None, run_dir: Path | None = None) -> list[dict]:
         """Score, log (JSONL / TensorBoard / W&B through ``metrics``) and append to ``run_dir/eval.jsonl``."""
@@ -62,6 +99,8 @@ class Validator:
         if metrics is not None:
             metrics.log(step, scalars(results), kind="eval")
             metrics.write(f"[eval step {step}] {summary_line(results)}")
+            if any(r.get("diagnostics") for r in results):
+                metrics.write(f"[eval step {step}] {diagnostics_line(results)}")
         if run_dir is not None:
             with open(Path(run_dir) / "eval.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "results": results}) + "\n")
@@ -77,8 +116,25 @@ def scalars(results: list[dict]) -> dict:
             row["accuracy"] = r["overall"]["accuracy"]
             row["accuracy_by_difficulty"] = {str(b["difficulty"]): b["accuracy"] for b in r["buckets"]}
         row["window_loss"] = {str(w["window"]): w["loss"] for w in r["windows"] if w["loss"] is not None}
+        if r.get("diagnostics"):  # flat "diag/pass2/G1/key_share" -> nested, logged as N=2/diag/pass2/G1/key_share
+            row["diag"] = {k[len(DIAG_PREFIX):]: v for k, v in r["diagnostics"].items()}
+            row["collapse_status"] = r["collapse_status"]  # a string: kept in JSONL, not a TensorBoard scalar
         out[f"N={r['passes']}"] = row
     return out
+
+
+def diagnostics_line(results: list[dict]) -> str:
+    """``diag N=2: memory worth 0.120 nats, key share last pass 0.41 (ok) | ...``."""
+    parts = []
+    for r in results:
+        d = r.get("diagnostics")
+        if not d:
+            continue
+        n = int(d.get(DIAG_PREFIX + "passes", r["passes"]))
+        share = max_key_share(d, n)
+        parts.append(f"N={r['passes']}: memory worth {d[DIAG_PREFIX + 'memory_worth']:.3f} nats, key share pass {n} "
+                     + (f"{share:.2f}" if share is not None else "-") + f" ({r['collapse_status']})")
+    return "diag " + " | ".join(parts)
 
 
 def validation_batches(cfg, tokenizer, rank: int, world: int) -> tuple[list[tuple[list[int], dict]], str | None]:
@@ -119,8 +175,10 @@ def validation_batches(cfg, tokenizer, rank: int, world: int) -> tuple[list[tupl
     return out, (tasks.pop() if len(tasks) == 1 and "text" not in tasks else None)
 
 
-def build_validator(cfg, tokenizer, forward: Forward, rank: int, world: int, device: torch.device) -> Validator:
-    """The trainer's validator; every rank ends with the same number of batches."""
+def build_validator(cfg, tokenizer, forward: Forward, rank: int, world: int, device: torch.device,
+                    model: torch.nn.Module | None = None, zero3: bool = False) -> Validator:
+    """The trainer's validator; every rank ends with the same number of batches. ``model`` (the plain
+    HybridLM) is what the collapse diagnostics run on when ``eval.diagnostics`` is on."""
     batches, task = validation_batches(cfg, tokenizer, rank, world)
     if world > 1:
         n = torch.tensor([len(batches)], device=device)
@@ -131,4 +189,5 @@ def build_validator(cfg, tokenizer, forward: Forward, rank: int, world: int, dev
               f"{cfg.eval.batch_size or cfg.train.micro_batch_size}, {world} ranks): evaluation is skipped",
               file=sys.stderr, flush=True)
     return Validator(forward, batches, cfg.sleep, cfg.eval.passes, cfg.eval.every, device, task,
-                     seed=cfg.train.seed)
+                     seed=cfg.train.seed, model=model if cfg.eval.diagnostics else None,
+                     pad_id=getattr(tokenizer, "pad_id", None), zero3=zero3)

@@ -5,6 +5,7 @@ table and ``megasleep eval`` report the same number for multi-query Depo."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -162,3 +163,5 @@ def test_validator_under_zero3_two_ranks_equals_one_rank(tmp_path):
         assert a["overall"]["correct"] == b["overall"]["correct"]
         assert [x["n_units"] for x in a["buckets"]] == [x["n_units"] for x in b["buckets"]]
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-4)
+        # collapse diagnostics (eval.diagnostics) measured on the plain model inside GatheredParameters
+        assert b["diagnostics"]["diag/passes"] == b["passes"] and math.isfinite(b["diagnostics"]["diag/loss"])
