@@ -15,7 +15,7 @@ from megasleep.study.config import StudyConfig, check_runs, load_study, plan
 from megasleep.study.report import compare, counts, load_reference, results_of, verdict, wilson, write_report
 from tests.train.helpers import PY, ROOT, env
 
-BASE = dict(name="t", experiment="configs/experiments/tiny-demo.yaml", passes=[1, 2], seeds=[0, 1],
+BASE = dict(name="t", experiment="configs/experiments/tiny-demo.yaml", train_passes=[1, 2], seeds=[0, 1],
             eval_passes=[1, 2], chance=0.5)
 
 
@@ -35,7 +35,7 @@ def test_plan_gives_every_n_of_a_seed_the_same_data_and_differs_only_in_depth():
     runs = plan(cfg)
     assert [r.dirname for r in runs] == ["N1-seed0", "N2-seed0", "N1-seed1", "N2-seed1", "Nrand-seed0"]
     for seed in (0, 1):
-        same = [r for r in runs if r.seed == seed and r.passes]
+        same = [r for r in runs if r.seed == seed and not r.random_n]
         strip = [[o for o in r.overrides if not o.startswith("sleep.passes=")] for r in same]
         assert all(s == strip[0] for s in strip), "runs of one seed must differ only in sleep.passes"
         assert all(f"data.task.seed={seed}" in r.overrides and f"train.seed={seed}" in r.overrides for r in same)
@@ -48,16 +48,20 @@ def test_plan_gives_every_n_of_a_seed_the_same_data_and_differs_only_in_depth():
 
 def test_bad_study_configs_name_the_file_and_the_problem(tmp_path):
     bad = tmp_path / "s.yaml"
-    bad.write_text("name: s\nexperiment: configs/experiments/tiny-demo.yaml\npasses: [1, 1]\nseeds: [0]\n"
+    bad.write_text("name: s\nexperiment: configs/experiments/tiny-demo.yaml\ntrain_passes: [1, 1]\nseeds: [0]\n"
                    "eval_passes: [1]\nchance: 0.5\n")
-    with pytest.raises(ConfigError, match=r"s\.yaml.*passes.*distinct"):
+    with pytest.raises(ConfigError, match=r"s\.yaml.*train_passes.*distinct"):
         load_study(bad)
     bad.write_text("name: s\nexperiment: configs/experiments/tiny-demo.yaml\npasses: [1]\nseeds: [0]\n"
+                   "eval_passes: [1]\nchance: 0.5\n")  # the old name of the list
+    with pytest.raises(ConfigError, match=r"s\.yaml.*passes: renamed train_passes"):
+        load_study(bad)
+    bad.write_text("name: s\nexperiment: configs/experiments/tiny-demo.yaml\ntrain_passes: [1]\nseeds: [0]\n"
                    "eval_passes: [1]\nchance: 0.5\noverrides: [sleep.pases=2]\n")
     cfg = load_study(bad)
     with pytest.raises(ConfigError, match=r"run N1-seed0.*sleep\.pases"):
         check_runs(cfg, plan(cfg), str(bad))
-    bad.write_text("name: s\nexperiment: configs/experiments/nope.yaml\npasses: [1]\nseeds: [0]\n"
+    bad.write_text("name: s\nexperiment: configs/experiments/nope.yaml\ntrain_passes: [1]\nseeds: [0]\n"
                    "eval_passes: [1]\nchance: 0.5\n")
     cfg = load_study(bad)
     with pytest.raises(ConfigError, match="nope.yaml does not exist"):
@@ -91,7 +95,7 @@ def test_verdict_is_decided_by_the_intervals(tmp_path):
     lines = verdict(results, 0.5)
     assert "N=2 at N=2" in lines[1] and "above N=1 beyond the intervals" in lines[1] and "2 of 2 seed" in lines[1]
     assert "not separable" in lines[2] and "not above chance" in lines[2]
-    cfg = StudyConfig(**{**BASE, "passes": [1, 2, 3]})
+    cfg = StudyConfig(**{**BASE, "train_passes": [1, 2, 3]})
     md = write_report(cfg, results, tmp_path, command="megasleep study x", hardware="test", wall_seconds=1.0)
     text = md.read_text()
     assert "| N=2 | N=2 | 0.750 [0.71, 0.79] | 0.750 [0.71, 0.79] | 0.750 [0.72, 0.78] |" in text
@@ -137,7 +141,7 @@ def test_small_study_end_to_end_and_reuse_of_finished_runs(tmp_path):
         "  train.log_every=1,\n"
         "  logging.tensorboard=false, logging.progress=false, checkpoint.export=false, eval.batch_size=8,\n"
         "  data.task.difficulty=0-1]\n"
-        f"passes: [1, 2]\nseeds: [0]\neval_passes: [1, 2]\neval_samples: 8\nchance: 0.5\n"
+        f"train_passes: [1, 2]\nseeds: [0]\neval_passes: [1, 2]\neval_samples: 8\nchance: 0.5\n"
         f"out: {tmp_path / 'runs'}\nresults: {tmp_path / 'results'}\n")
     cmd = [PY, "-m", "megasleep.cli", "study", str(study), "--jobs", "2"]
     p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
@@ -180,9 +184,9 @@ def test_committed_studies_load(path: Path):
     cfg = load_study(path)
     runs = plan(cfg)
     check_runs(cfg, runs, str(path))
-    assert 1 in cfg.passes  # every study compares against the awake-only baseline
+    assert 1 in cfg.train_passes  # every study compares against the awake-only baseline
     if cfg.name.startswith("rule110"):
-        assert len(cfg.seeds) >= 2 and {1, 2, 3, 4} <= set(cfg.passes)  # the floor for a Rule 110 depth study
+        assert len(cfg.seeds) >= 2 and {1, 2, 3, 4} <= set(cfg.train_passes)  # the floor for a Rule 110 depth study
 
 
 def test_a_run_is_trained_by_one_invocation_at_a_time(tmp_path):

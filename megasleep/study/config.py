@@ -21,7 +21,7 @@ class StudyConfig(StrictModel):
     description: str = ""
     experiment: str = Field(description="base experiment YAML (relative to the repository root)")
     overrides: list[str] = Field(default_factory=list, description="dotted overrides shared by every run")
-    passes: list[int] = Field(description="sleep depths N to train, one model per (N, seed)")
+    train_passes: list[int] = Field(description="sleep depths N to train, one model per (N, seed)")
     seeds: list[int] = Field(min_length=1, description="seeds; each trains every N on identical data")
     random_passes: tuple[int, int] | None = Field(
         None, description="also train a random-N model (N ~ U[lo, hi] per step) per seed in random_seeds")
@@ -36,9 +36,17 @@ class StudyConfig(StrictModel):
     out: str = Field("runs/studies/{name}", description="run directories (checkpoints, logs)")
     results: str = Field("docs/results/{name}", description="tables, plots and summary.json")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "passes" in data:  # lists of N have their own names; N is an int
+            raise ValueError("passes: renamed train_passes (the list of N to train; eval_passes is the list "
+                             "of N to evaluate at)")
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> StudyConfig:
-        for key in ("passes", "eval_passes"):
+        for key in ("train_passes", "eval_passes"):
             values = getattr(self, key)
             if not values or any(n < 1 for n in values) or len(set(values)) != len(values):
                 raise ValueError(f"{key}={values}: need distinct N >= 1")
@@ -57,13 +65,14 @@ class RunSpec(StrictModel):
     """One training run of a study."""
 
     label: str  # "N=2" or "N~U[1,4]"
-    passes: int  # fixed N, or 0 for the random-N model
+    passes: int  # the N it trains at; for the random-N model the largest N it draws
+    random_n: bool = False  # N ~ U[lo, hi] per step (random_passes) instead of a fixed N
     seed: int
     overrides: list[str]
 
     @property
     def dirname(self) -> str:
-        return ("Nrand" if self.passes == 0 else f"N{self.passes}") + f"-seed{self.seed}"
+        return ("Nrand" if self.random_n else f"N{self.passes}") + f"-seed{self.seed}"
 
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
@@ -75,13 +84,13 @@ def plan(cfg: StudyConfig) -> list[RunSpec]:
     evals = [f"eval.passes=[{','.join(map(str, cfg.eval_passes))}]", f"eval.samples={cfg.eval_samples}"]
     runs = []
     for seed in cfg.seeds:
-        for n in cfg.passes:
+        for n in cfg.train_passes:
             runs.append(RunSpec(label=f"N={n}", passes=n, seed=seed, overrides=[
                 *cfg.overrides, f"sleep.passes={n}", f"train.seed={seed}", f"data.task.seed={seed}", *evals]))
     if cfg.random_passes is not None:
         lo, hi = cfg.random_passes
         for seed in cfg.random_seeds if cfg.random_seeds is not None else cfg.seeds[:1]:
-            runs.append(RunSpec(label=f"N~U[{lo},{hi}]", passes=0, seed=seed, overrides=[
+            runs.append(RunSpec(label=f"N~U[{lo},{hi}]", passes=hi, random_n=True, seed=seed, overrides=[
                 *cfg.overrides, f"sleep.passes={hi}", f"sleep.random_passes=[{lo},{hi}]",
                 f"sleep.random_seed={seed}", f"train.seed={seed}", f"data.task.seed={seed}", *evals]))
     return runs

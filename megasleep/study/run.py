@@ -95,7 +95,7 @@ def run_study(cfg, runs, *, jobs: int = 1, fresh: bool = False, echo: bool = Tru
         _log(f"{spec.dirname}: training {spec.label}, seed {spec.seed} (log: {run_dir / 'train.log'})")
         res = run_training(experiment, spec.overrides, run_dir, threads=cfg.threads,
                            prefix=f"  [{spec.dirname}]", echo=echo and jobs == 1)
-        res.update(label=spec.label, passes=spec.passes, seed=spec.seed, name=spec.dirname,
+        res.update(label=spec.label, passes=spec.passes, random_n=spec.random_n, seed=spec.seed, name=spec.dirname,
                    overrides=spec.overrides)
         if cfg.diagnostics:
             from megasleep.study.diagnose import diagnose_run
