@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Loader throughput vs. the tiny model's training throughput (issue 4: loader >= 20x training).
+"""Loader throughput vs. the tiny model's training throughput (goal: loader >= 20x training).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/data_loader.py            # ~1 min on 2 CPU cores
     .venv/bin/python benchmarks/data_loader.py --workers 2 --seconds 10 --json results/data_loader.json

@@ -1,4 +1,4 @@
-"""Does sleep cost its passes and nothing more? (issue 2 acceptance; rows of benchmarks/ops_cpu.py)
+"""Does sleep cost its passes and nothing more? (rows of benchmarks/ops_cpu.py)
 
 For the tiny model, one training step (sleep forward + backward) at N = 1, 2, 4 is timed side by side
 in one run. ``overhead(N) = (time(N) / time(1)) / (forwards(N) / forwards(1))`` where ``forwards`` is the

@@ -82,7 +82,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
-# default difficulty ranges when generating (SPEC §4)
+# default difficulty ranges when generating (docs/tasks.md)
 TASK_DIFFICULTIES = {"rule110": "32", "depo": "1,2,4,8,16", "gsm": "1-8"}
 
 

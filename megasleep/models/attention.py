@@ -2,7 +2,7 @@
 
 Keys are cached after RoPE at their absolute positions; since RoPE scores depend only on the
 distance between query and key, this equals "positions counted inside the window" for hard eviction
-and gives the right distances across the window boundary for sliding eviction (SPEC §2-3).
+and gives the right distances across the window boundary for sliding eviction (docs/sleep.md).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Per-layer recurrent caches and the per-call context every mixer receives.
 
-A layer's cache has two kinds of memory, and the sleep loop treats them differently (SPEC §3):
+A layer's cache has two kinds of memory, and the sleep loop treats them differently (docs/sleep.md):
 * long-term: ``ssm`` — an SSM mixer's fast weights ``S``. Carried from pass to pass and from window to
   window; the only thing that survives hard eviction.
 * short-term: the short-conv history (``conv``) and attention's KV cache (``k, v, pos, doc``). Every pass

@@ -1,9 +1,9 @@
-"""Gated DeltaNet mixer (SPEC §2), parameter names as fla.layers.GatedDeltaNet.
+"""Gated DeltaNet mixer (docs/sleep.md#mixers), parameter names as fla.layers.GatedDeltaNet.
 
 S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T, o_t = S_t q_t, with L2-normalised q, k,
 alpha_t = exp(g_t), g_t = -exp(A_log) softplus(a_proj x + dt_bias), beta_t = sigmoid(b_proj x), a short
 conv + SiLU on q, k, v, and o = o_proj(RMSNorm(o) * SiLU(g_proj x)). The state is kept in FLA's layout
-[B, H, K, V] (= SPEC's S transposed), and the query is scaled by K^-1/2 as FLA does.
+[B, H, K, V] (= the S of docs/sleep.md#mixers, transposed), and the query is scaled by K^-1/2 as FLA does.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""HybridLM: Embed -> prelude -> [core] x N -> coda -> norm -> LM head (SPEC §2).
+"""HybridLM: Embed -> prelude -> [core] x N -> coda -> norm -> LM head (docs/sleep.md#mixers).
 
 The model itself only knows how to run a list of blocks over some tokens given per-layer caches; how
 often the core runs and what is evicted when is the sleep loop's business (megasleep/sleep/loop.py).

@@ -1,4 +1,4 @@
-"""Mamba-2 mixer (SPEC §2) with an explicit initial state and returned final state.
+"""Mamba-2 mixer (docs/sleep.md#mixers) with an explicit initial state and returned final state.
 
 Parameter names and shapes are those of ``mamba_ssm.modules.mamba2.Mamba2`` (in_proj, conv1d, dt_bias,
 A_log, D, norm, out_proj; in_proj output ordered z | xBC | dt), so its checkpoints load unchanged.

@@ -1,4 +1,4 @@
-"""The sleep loop (SPEC §3) — the one place where windows, passes and eviction are decided.
+"""The sleep loop (docs/sleep.md) — the one place where windows, passes and eviction are decided.
 
     S <- 0 for every SSM mixer
     for each window c of L tokens:

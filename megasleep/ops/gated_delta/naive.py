@@ -1,6 +1,6 @@
 """Token-by-token reference of the gated delta rule (FLA layout), and the single-token step.
 
-Per head, state ``S [K, V]`` (the transpose of SPEC §2's ``S``):
+Per head, state ``S [K, V]`` (the transpose of the ``S`` written in docs/sleep.md#mixers):
 
     S_t = exp(g_t) S_{t-1}
     S_t = S_t + k_t (beta_t (v_t - S_t^T k_t))^T
