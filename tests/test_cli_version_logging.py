@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import megasleep
-from megasleep.cli import setup_console_logging
+from megasleep.console import setup_console_logging
 
 
 def test_version():

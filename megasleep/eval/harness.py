@@ -56,9 +56,10 @@ class CollectingRunner(SleepRunner):
     def reset(self):
         self.preds, self.ces = [], []
 
-    def wake_head_loss(self, h, caches, ctx, targets, target_mask, need_logits):
-        want = bool(target_mask.any())
-        logits, new, wsum = super().wake_head_loss(h, caches, ctx, targets, target_mask, need_logits or want)
+    def wake_head_loss(self, h, caches, ctx, targets, target_mask, need_logits, n_targets):
+        want = n_targets > 0
+        logits, new, wsum = super().wake_head_loss(h, caches, ctx, targets, target_mask, need_logits or want,
+                                                   n_targets)
         if want:
             self.preds.append(logits.argmax(-1))
             ce = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), reduction="none")

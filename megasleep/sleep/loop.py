@@ -70,7 +70,6 @@ class SleepRunner:
     def __init__(self, model: HybridLM, cfg: SleepConfig, backend: str | None = None):
         self.model, self.cfg = model, cfg
         self.backend = backend or model.config.kernels
-        self.window_targets: int | None = None  # target count of the current window, known on the host
 
     # -- the pieces, each small ---------------------------------------------------------------------
     def context(self, s: int, e: int, doc_ids, reset, device) -> MixContext:
@@ -100,16 +99,15 @@ class SleepRunner:
                 h, caches[i] = self.model.layers[i](h, caches[i], ctx)
         return h, caches
 
-    def wake_head_loss(self, h, caches, ctx, targets, target_mask, need_logits):
-        """coda + head + masked CE of one window (checkpointed: the [B, L, V] logits are the big part)."""
+    def wake_head_loss(self, h, caches, ctx, targets, target_mask, need_logits, n_targets: int):
+        """coda + head + masked CE of one window (checkpointed: the [B, L, V] logits are the big part).
+        ``n_targets`` (the window's target count, counted on the host before the loop) decides whether
+        the head runs at all, without a device sync, also when backward recomputes this function."""
         model = self.model
-
-        # decided now, on the host, so that the recomputation in backward takes the same branch without a sync
-        has_targets = self.window_targets > 0 if self.window_targets is not None else bool(target_mask.any())
 
         def fn(x):
             x, new = model.run_blocks(model.coda_idx, x, caches, ctx)
-            if not need_logits and not has_targets:
+            if not need_logits and not n_targets:
                 return None, new, x.new_zeros(())
             logits = model.head(x)
             ce = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), reduction="none")
@@ -240,12 +238,8 @@ class SleepRunner:
             core_input = h
             h, caches = self.core_pass(h, caches, ctx)
             forwards += 1
-            self.window_targets = counts[w]
-            try:
-                logits, caches, wsum = self.wake_head_loss(h, caches, ctx, targets[:, s:e], tmask[:, s:e],
-                                                           return_logits)
-            finally:
-                self.window_targets = None
+            logits, caches, wsum = self.wake_head_loss(h, caches, ctx, targets[:, s:e], tmask[:, s:e],
+                                                       return_logits, counts[w])
             loss_sum = loss_sum + wsum
             wsums.append(wsum.detach())
             if logits is not None:

@@ -128,13 +128,13 @@ def peak_memory_gb(device: torch.device) -> float:
 
 
 def _console():
-    """The ``megasleep.train`` logger, with the console handler of ``megasleep.cli`` installed if the
+    """The ``megasleep.train`` logger, with the console handler of :mod:`megasleep.console` installed if the
     process has none yet (``deepspeed --module megasleep.train.cli`` does not go through ``megasleep.cli``)."""
     import logging
 
     root = logging.getLogger("megasleep")
     if not any(getattr(h, "_megasleep_console", False) for h in root.handlers):
-        from megasleep.cli import setup_console_logging
+        from megasleep.console import setup_console_logging
 
         setup_console_logging()
     return logging.getLogger("megasleep.train")

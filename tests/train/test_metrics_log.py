@@ -9,7 +9,7 @@ from megasleep.train.metrics import MetricLogger
 
 
 def test_non_tty_step_lines_carry_time_step_total_and_eta(tmp_path, capsys):
-    from megasleep.cli import setup_console_logging
+    from megasleep.console import setup_console_logging
 
     setup_console_logging()  # bind the console handler to this test's (captured, non-terminal) stderr
     cfg = SimpleNamespace(jsonl=False, tensorboard=False, progress=True,
