@@ -33,6 +33,9 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.n_heads * self.head_dim, d, bias=a.out_bias)
         qkv_dim = (self.n_heads + 2 * self.n_kv_heads) * self.head_dim
         self.qkv_conv1d = ShortConv(qkv_dim, a.d_conv, bias=True, activation=None) if a.d_conv else None
+        # OLMo's q/k norms: over the whole projected width (all heads together), not per head
+        self.q_norm = nn.RMSNorm(self.n_heads * self.head_dim, eps=cfg.norm_eps) if a.qk_norm else None
+        self.k_norm = nn.RMSNorm(self.n_kv_heads * self.head_dim, eps=cfg.norm_eps) if a.qk_norm else None
         self.rope = RopeCache(self.head_dim, self.theta, self.rotary_dim)
 
     def init_cache(self, batch: int, device=None, dtype=None) -> LayerCache:
@@ -45,6 +48,8 @@ class Attention(nn.Module):
         if self.qkv_conv1d is not None:  # conv history: short-term memory, like the KV cache
             qkv, conv = self.qkv_conv1d.run(torch.cat([q, k, v], -1), cache.conv[0] if cache.conv else None, ctx)
             q, k, v = qkv.split([q.shape[-1], k.shape[-1], v.shape[-1]], dim=-1)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = q.reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = k.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = v.reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)

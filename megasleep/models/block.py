@@ -1,4 +1,8 @@
-"""Pre-norm block: x + Mixer(RMSNorm(x)), then x + MLP(RMSNorm(x)) (the MLP is optional; models/mlp.py)."""
+"""Pre-norm block: x + Mixer(RMSNorm(x)), then x + MLP(RMSNorm(x)) (the MLP is optional; models/mlp.py).
+
+A block whose letter is in ``post_norm`` normalises the branch outputs instead (OLMo-2/3 and OLMo-Hybrid's
+attention layers): x + RMSNorm(Mixer(x)), then x + RMSNorm(MLP(x)). Same parameters, same names.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +26,7 @@ class Block(nn.Module):
         self.mixer = MIXERS[self.kind](cfg)
         self.mlp = build_mlp(cfg, letter, index)
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps) if self.mlp is not None else None
+        self.post_norm = letter in cfg.post_norm
 
     @property
     def is_ssm(self) -> bool:
@@ -31,6 +36,12 @@ class Block(nn.Module):
         return self.mixer.init_cache(batch, device, dtype)
 
     def forward(self, h: Tensor, cache: LayerCache, ctx: MixContext) -> tuple[Tensor, LayerCache]:
+        if self.post_norm:
+            y, cache = self.mixer(h, cache, ctx)
+            h = h + self.norm(y)
+            if self.mlp is not None:
+                h = h + self.mlp_norm(self.mlp(h))
+            return h, cache
         y, cache = self.mixer(self.norm(h), cache, ctx)
         h = h + y
         if self.mlp is not None:

@@ -35,6 +35,8 @@ class AttnConfig(StrictModel):
                                              "activation, as mamba_ssm's MHA); 0 = none")
     rotary_dim: int | None = Field(None, ge=0, description="RoPE on the first rotary_dim dims of each head "
                                                            "(partial rotary); None = whole head, 0 = no positions")
+    qk_norm: bool = Field(False, description="RMSNorm (eps = norm_eps) over the whole projected q and over the "
+                                             "whole projected k, before RoPE (OLMo-2/3, OLMo-Hybrid)")
 
 
 class Mamba2Config(StrictModel):
@@ -61,6 +63,12 @@ class GDNConfig(StrictModel):
     expand_v: float = Field(1.0, gt=0)
     d_conv: int = Field(4, ge=2)
     chunk_size: int = Field(64, ge=1)
+    allow_neg_eigval: bool = Field(False, description="beta = 2 sigmoid(b_proj x) in [0, 2] instead of [0, 1]: "
+                                                      "I - beta k k^T may have a negative eigenvalue (FLA's name)")
+    norm_eps: float | None = Field(None, gt=0, description="eps of the gated RMSNorm before o_proj; None = norm_eps")
+    l2norm: Literal["clamp", "fla"] = Field("clamp", description="q/k L2 norm: 'clamp' x / max(|x|, 1e-6) (torch's "
+                                                                 "normalize); 'fla' x / sqrt(|x|^2 + 1e-6) (FLA's "
+                                                                 "and transformers' kernels; differ for small |x|)")
 
 
 class MLPConfig(StrictModel):
@@ -81,6 +89,8 @@ class ModelConfig(StrictModel):
     pattern: str = Field(description='layer pattern, one letter per block: A=attn M=mamba2 G=gdn, e.g. "AGAG"')
     n_prelude: int = Field(0, ge=0, description="blocks before the looped core (run once per window)")
     n_coda: int = Field(0, ge=0, description="blocks after the looped core (run once per window)")
+    post_norm: str = Field("", description='letters of the blocks that are post-norm, x + norm(mixer(x)) and '
+                                           'x + norm(mlp(x)) (OLMo-Hybrid: "A"); the others are pre-norm')
     attn: AttnConfig = AttnConfig()
     mamba2: Mamba2Config = Mamba2Config()
     gdn: GDNConfig = GDNConfig()
@@ -96,6 +106,9 @@ class ModelConfig(StrictModel):
         if not self.pattern or bad:
             raise ValueError(
                 f"pattern {self.pattern!r}: unknown block letter(s) {bad} (use A=attn, M=mamba2, G=gdn)")
+        bad = sorted(set(self.post_norm) - set(MIXER_LETTERS))
+        if bad:
+            raise ValueError(f"post_norm={self.post_norm!r}: unknown block letter(s) {bad} (use A, M, G)")
         mb = self.mlp.blocks
         if mb is not None and (len(mb) != len(self.pattern) or set(mb) - {"0", "1"}):
             raise ValueError(f"mlp.blocks={mb!r}: one '0' / '1' per block of the {len(self.pattern)}-block pattern")

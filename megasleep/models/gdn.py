@@ -1,7 +1,8 @@
 """Gated DeltaNet mixer (docs/sleep.md#mixers), parameter names as fla.layers.GatedDeltaNet.
 
 S_t = alpha_t S_{t-1} (I - beta_t k_t k_t^T) + beta_t v_t k_t^T, o_t = S_t q_t, with L2-normalised q, k,
-alpha_t = exp(g_t), g_t = -exp(A_log) softplus(a_proj x + dt_bias), beta_t = sigmoid(b_proj x), a short
+alpha_t = exp(g_t), g_t = -exp(A_log) softplus(a_proj x + dt_bias), beta_t = sigmoid(b_proj x) (times 2 with
+``allow_neg_eigval``: beta in [0, 2], so I - beta k k^T can have the eigenvalue 1 - beta < 0), a short
 conv + SiLU on q, k, v, and o = o_proj(RMSNorm(o) * SiLU(g_proj x)). The state is kept in FLA's layout
 [B, H, K, V] (= the S of docs/sleep.md#mixers, transposed), and the query is scaled by K^-1/2 as FLA does.
 """
@@ -18,6 +19,15 @@ from megasleep.models.mamba2 import init_dt_bias
 from megasleep.models.norm import GatedRMSNorm, upcast
 from megasleep.ops.conv import causal_conv1d, causal_conv1d_step
 from megasleep.ops.gated_delta import gated_delta_rule, gdn_step
+
+
+def clamp_l2norm(x: Tensor) -> Tensor:
+    return F.normalize(x, dim=-1, eps=1e-6)
+
+
+def fla_l2norm(x: Tensor) -> Tensor:
+    """FLA's l2norm (and transformers' copy of it), which checkpoints trained with FLA kernels expect."""
+    return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + 1e-6)
 
 
 class ShortConv(nn.Conv1d):
@@ -48,6 +58,8 @@ class GatedDeltaNet(nn.Module):
         self.head_v_dim = int(g.head_dim * g.expand_v)
         self.key_dim, self.value_dim = self.n_heads * self.head_k_dim, self.n_heads * self.head_v_dim
         self.d_conv, self.chunk_size = g.d_conv, g.chunk_size
+        self.beta_scale = 2.0 if g.allow_neg_eigval else 1.0
+        self.l2norm = fla_l2norm if g.l2norm == "fla" else clamp_l2norm
         self.q_proj = nn.Linear(d, self.key_dim, bias=False)
         self.k_proj = nn.Linear(d, self.key_dim, bias=False)
         self.v_proj = nn.Linear(d, self.value_dim, bias=False)
@@ -59,7 +71,7 @@ class GatedDeltaNet(nn.Module):
         self.k_conv1d = ShortConv(self.key_dim, g.d_conv)
         self.v_conv1d = ShortConv(self.value_dim, g.d_conv)
         self.g_proj = nn.Linear(d, self.value_dim, bias=False)
-        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=cfg.norm_eps, norm_before_gate=True)
+        self.o_norm = GatedRMSNorm(self.head_v_dim, eps=g.norm_eps or cfg.norm_eps, norm_before_gate=True)
         self.o_proj = nn.Linear(self.value_dim, d, bias=False)
         for p in (self.A_log, self.dt_bias):
             p._no_weight_decay = True
@@ -78,11 +90,13 @@ class GatedDeltaNet(nn.Module):
         q, cq = self.q_conv1d.run(self.q_proj(x), cq, ctx)
         k, ck = self.k_conv1d.run(self.k_proj(x), ck, ctx)
         v, cv = self.v_conv1d.run(self.v_proj(x), cv, ctx)
-        q = F.normalize(q.view(B, T, self.n_heads, self.head_k_dim).to(torch.float32 if x.dtype != torch.float64 else x.dtype), dim=-1, eps=1e-6)
-        k = F.normalize(k.view(B, T, self.n_heads, self.head_k_dim).to(torch.float32 if x.dtype != torch.float64 else x.dtype), dim=-1, eps=1e-6)
+        q = self.l2norm(upcast(q.view(B, T, self.n_heads, self.head_k_dim)))
+        k = self.l2norm(upcast(k.view(B, T, self.n_heads, self.head_k_dim)))
         v = v.view(B, T, self.n_heads, self.head_v_dim)
         g = -torch.exp(upcast(self.A_log)) * F.softplus(upcast(self.a_proj(x)) + upcast(self.dt_bias))
         beta = torch.sigmoid(upcast(self.b_proj(x)))
+        if self.beta_scale != 1.0:
+            beta = beta * self.beta_scale
         scale = self.head_k_dim ** -0.5
         if T == 1 and ctx.reset is None and cache.ssm is not None:
             o, state = gdn_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], beta[:, 0], scale, cache.ssm,

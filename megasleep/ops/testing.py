@@ -40,13 +40,15 @@ def make_ssd_inputs(b, t, h, p, g, n, *, dtype=torch.float64, device="cpu", seed
     return out
 
 
-def make_gdn_inputs(b, t, h, dk, dv, *, dtype=torch.float64, device="cpu", seed=0, init=True):
+def make_gdn_inputs(b, t, h, dk, dv, *, dtype=torch.float64, device="cpu", seed=0, init=True, beta_max=1.0):
+    """``beta_max=2``: beta in (0, 2) as with ``allow_neg_eigval`` (negative eigenvalues of I - beta k k^T)."""
     gen = _gen(seed)
     q = F.normalize(_rand(gen, b, t, h, dk, dtype=torch.float64, device="cpu"), dim=-1).to(device=device, dtype=dtype)
     k = F.normalize(_rand(gen, b, t, h, dk, dtype=torch.float64, device="cpu"), dim=-1).to(device=device, dtype=dtype)
     v = _rand(gen, b, t, h, dv, dtype=dtype, device=device)
     g = F.logsigmoid(_rand(gen, b, t, h, dtype=torch.float64, device="cpu") + 2.0).to(device=device, dtype=torch.float32 if dtype != torch.float64 else dtype)
-    beta = torch.sigmoid(_rand(gen, b, t, h, dtype=torch.float64, device="cpu")).to(device=device, dtype=dtype)
+    beta = (beta_max * torch.sigmoid(_rand(gen, b, t, h, dtype=torch.float64, device="cpu"))).to(device=device,
+                                                                                                  dtype=dtype)
     sd = torch.float32 if dtype != torch.float64 else dtype
     out = {"q": q, "k": k, "v": v, "g": g, "beta": beta}
     out["initial_state"] = _rand(gen, b, h, dk, dv, dtype=sd, device=device) if init else None

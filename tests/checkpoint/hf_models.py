@@ -12,7 +12,7 @@ import torch
 # and causal_conv1d's when those import. Import them now, at collection, before any test registers
 # megasleep's CPU stand-ins for the CUDA extensions (tests/checkpoint/test_mamba_ssm.py does), so every
 # reference is transformers' own torch path.
-for _family in ("mamba2", "bamba", "granitemoehybrid", "nemotron_h"):
+for _family in ("mamba2", "bamba", "granitemoehybrid", "nemotron_h", "olmo_hybrid"):
     try:
         importlib.import_module(f"transformers.models.{_family}.modeling_{_family}")
     except ImportError:  # transformers absent or without that family: its tests skip

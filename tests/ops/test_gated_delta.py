@@ -1,5 +1,6 @@
 """Gated delta rule: chunk == naive (outputs, final state, every gradient incl. the initial state),
-resets, step, dispatch, and == fla's naive_recurrent_gated_delta_rule where it imports."""
+resets, step, dispatch, and == fla's naive_recurrent_gated_delta_rule where it imports; also with beta in
+(0, 2) (``gdn.allow_neg_eigval``: I - beta k k^T with a negative eigenvalue)."""
 
 import pytest
 import torch
@@ -26,6 +27,20 @@ def test_chunk_matches_naive_fp64(shape, with_reset):
     ref = run_with_grads(gdn_naive, inp, reset=reset)
     test = run_with_grads(gdn_chunk, inp, reset=reset, chunk_size=q)
     assert_all_close(ref, test, atol=1e-10, rtol=1e-10, what=f"gdn chunk vs naive {shape} reset={with_reset}")
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:3], ids=lambda s: "b{}t{}h{}k{}v{}q{}".format(*s))
+def test_chunk_matches_naive_negative_eigenvalues(shape):
+    b, t, h, dk, dv, q = shape
+    inp = make_gdn_inputs(b, t, h, dk, dv, seed=t + 1, beta_max=2.0)
+    assert (inp["beta"] > 1).any() and (inp["beta"] < 1).any()  # both sides of the eigenvalue sign change
+    reset = random_reset(b, t, seed=t)
+    ref = run_with_grads(gdn_naive, inp, reset=reset)
+    test = run_with_grads(gdn_chunk, inp, reset=reset, chunk_size=q)
+    assert_all_close(ref, test, atol=1e-10, rtol=1e-10, what=f"gdn chunk vs naive, beta in (0, 2), {shape}")
+    ref32 = run_with_grads(gdn_naive, {k: v.float() for k, v in inp.items()})
+    test32 = run_with_grads(gdn_chunk, {k: v.float() for k, v in inp.items()}, chunk_size=q)
+    assert_all_close(ref32, test32, atol=1e-5, rtol=1e-4, what=f"gdn fp32, beta in (0, 2), {shape}")
 
 
 def test_chunk_matches_naive_fp32_scale_no_init():
@@ -72,9 +87,10 @@ def test_reset_semantics():
     assert all(torch.isfinite(gr).all() for gr in grads.values())
 
 
-def test_step_iterated_matches_naive():
+@pytest.mark.parametrize("beta_max", [1.0, 2.0])
+def test_step_iterated_matches_naive(beta_max):
     b, t = 2, 13
-    inp = make_gdn_inputs(b, t, 3, 4, 5, seed=7)
+    inp = make_gdn_inputs(b, t, 3, 4, 5, seed=7, beta_max=beta_max)
     o_ref, S_ref = gdn_naive(**inp, scale=0.7)
     S = inp["initial_state"]
     os = []
@@ -124,12 +140,12 @@ def _fla(fn, q, k, v, g, beta, initial_state, reset=None):
     return o, S
 
 
-@pytest.mark.parametrize("t", [37, 64])
-def test_matches_fla_naive_recurrent(t):
+@pytest.mark.parametrize("t,beta_max", [(37, 1.0), (64, 1.0), (37, 2.0)])
+def test_matches_fla_naive_recurrent(t, beta_max):
     fn, why = _peers.fla_naive_recurrent_gated_delta_rule()
     if fn is None:
         pytest.skip(why)
-    inp = make_gdn_inputs(2, t, 2, 16, 8, dtype=torch.float32, seed=t)
+    inp = make_gdn_inputs(2, t, 2, 16, 8, dtype=torch.float32, seed=t, beta_max=beta_max)
     ref = run_with_grads(lambda **kw: _fla(fn, **kw), inp)
     test = run_with_grads(gdn_chunk, inp, chunk_size=16)
     assert_all_close(ref, test, atol=1e-5, rtol=1e-4, what="gdn_chunk vs fla naive_recurrent")

@@ -8,11 +8,14 @@ a leftover tensor is an error, never silently dropped.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from megasleep.checkpoint.errors import UnsupportedModelError
+from megasleep.checkpoint.errors import PretrainedError, UnsupportedModelError, WeightsMismatchError
+from megasleep.checkpoint.released import compare_state_dict
+from megasleep.checkpoint.weights import WEIGHTS_INDEX_NAME, read_json, weights_files
 from megasleep.models.config import ModelConfig
 
 State = dict[str, torch.Tensor]
@@ -79,4 +82,28 @@ def refuse(where: str, msg: str):
     raise UnsupportedModelError(f"{where}: cannot import faithfully: {msg}")
 
 
-__all__ = ["Adapter", "State", "TensorMap", "refuse"]
+def source_file(directory: str, tensor: str) -> str:
+    """The weights file in ``directory`` that holds ``tensor`` (through a sharded index when there is one)."""
+    index = Path(directory) / WEIGHTS_INDEX_NAME
+    if index.is_file():
+        return str((read_json(index).get("weight_map") or {}).get(tensor, WEIGHTS_INDEX_NAME))
+    try:
+        return ", ".join(f.name for f in weights_files(directory)[1])
+    except PretrainedError:  # not a directory (a state dict handed over in memory)
+        return "<weights>"
+
+
+def check_shapes(cfg: ModelConfig, out: State, used: dict[str, list[str]], where: str) -> None:
+    """Refuse a converted tensor whose shape is not the one ``cfg`` gives it, naming the source tensor and
+    its file (a mis-shaped tensor in a foreign checkpoint, or a config.json that does not fit the weights)."""
+    origin = {dst: src for src, dsts in used.items() for dst in dsts}
+    _, _, mismatched = compare_state_dict(cfg, out)
+    if mismatched:
+        dst, got, want = mismatched[0]
+        src = origin.get(dst, dst)
+        more = f" (and {len(mismatched) - 1} more)" if len(mismatched) > 1 else ""
+        raise WeightsMismatchError(f"{where}/{source_file(where, src)}: tensor {src} has shape {got}, config.json "
+                                   f"implies {want} (as {dst}){more}", mismatched=mismatched)
+
+
+__all__ = ["Adapter", "State", "TensorMap", "check_shapes", "refuse", "source_file"]

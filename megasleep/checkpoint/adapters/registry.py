@@ -10,10 +10,11 @@ from megasleep.checkpoint.adapters.hf_hybrid import HFHybridAdapter
 from megasleep.checkpoint.adapters.hf_mamba2 import HFMamba2Adapter
 from megasleep.checkpoint.adapters.mamba_ssm import MambaSSMAdapter
 from megasleep.checkpoint.adapters.nemotron_h import NemotronHAdapter
+from megasleep.checkpoint.adapters.olmo_hybrid import OlmoHybridAdapter
 from megasleep.checkpoint.errors import PretrainedError, UnsupportedModelError
 
 ADAPTERS: tuple[type[Adapter], ...] = (MambaSSMAdapter, HFAttentionAdapter, HFMamba2Adapter, HFHybridAdapter,
-                                       NemotronHAdapter)
+                                       NemotronHAdapter, OlmoHybridAdapter)
 
 
 def supported_model_types() -> list[str]:
