@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from megasleep.checkpoint.adapters.olmo_hybrid import OlmoHybridAdapter
+from megasleep.checkpoint.adapters.registry import adapter_for
 from megasleep.checkpoint.errors import UnsupportedModelError, WeightsMismatchError
 from megasleep.checkpoint.export import export_foreign
 from megasleep.checkpoint.load import load_pretrained, read_checkpoint
@@ -133,6 +134,14 @@ def test_unsupported_options_are_refused_by_name(tmp_path, change, named):
            "linear_key_head_dim": 6, "linear_value_head_dim": 12, **SMALL, **change}
     with pytest.raises(UnsupportedModelError, match=f"cannot import faithfully: .*{named}"):
         OlmoHybridAdapter().model_config(raw, str(tmp_path))
+
+
+def test_absent_gdn_keys_take_transformers_defaults_and_neighbours_are_named(tmp_path):
+    raw = {"model_type": "olmo_hybrid", **SMALL}
+    g = OlmoHybridAdapter().model_config(raw, str(tmp_path)).gdn
+    assert (g.n_heads, g.head_dim, g.expand_v, g.allow_neg_eigval) == (4, 6, 2.0, True)  # as OlmoHybridConfig
+    with pytest.raises(UnsupportedModelError, match="'olmo3_5_hybrid' is not supported .nearest supported: 'olmo_hybrid'"):
+        adapter_for({"model_type": "olmo3_5_hybrid"}, "config.json")
 
 
 def test_export_refuses_a_model_of_another_shape(tmp_path):

@@ -99,12 +99,13 @@ def test_gdn_cuda_vs_torch_forward(dtype, with_reset):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("with_reset", [False, True], ids=["noreset", "reset"])
-def test_gdn_cuda_vs_torch(dtype, with_reset):
+@pytest.mark.parametrize("beta_max", [1.0, 2.0], ids=["beta1", "beta2"])  # 2: gdn.allow_neg_eigval
+def test_gdn_cuda_vs_torch(dtype, with_reset, beta_max):
     need(_peers.fla_chunk_gated_delta_rule)
     if (why := _peers.fla_gdn_backward_problem()) is not None:
         pytest.skip(why)
     b, t = 2, 300
-    inp = make_gdn_inputs(b, t, 4, 64, 64, dtype=dtype, device=DEV, seed=4)
+    inp = make_gdn_inputs(b, t, 4, 64, 64, dtype=dtype, device=DEV, seed=4, beta_max=beta_max)
     reset = random_reset(b, t, p=0.01, seed=5, device=DEV) if with_reset else None
     ref = run_with_grads(gated_delta_rule, inp, reset=reset, backend="torch")
     test = run_with_grads(gated_delta_rule, inp, reset=reset, backend="cuda")
@@ -127,9 +128,10 @@ def test_gdn_training_falls_back_when_fla_backward_is_disabled():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_gdn_step_cuda_vs_torch(dtype):
+@pytest.mark.parametrize("beta_max", [1.0, 2.0], ids=["beta1", "beta2"])
+def test_gdn_step_cuda_vs_torch(dtype, beta_max):
     need(_peers.fla_fused_recurrent_gated_delta_rule)
-    inp = make_gdn_inputs(3, 1, 4, 64, 64, dtype=dtype, device=DEV, seed=6)
+    inp = make_gdn_inputs(3, 1, 4, 64, 64, dtype=dtype, device=DEV, seed=6, beta_max=beta_max)
     args = [inp[k][:, 0] for k in ("q", "k", "v", "g", "beta")] + [None, inp["initial_state"]]
     o_ref, S_ref = gdn_step(*args, backend="torch")
     o, S = gdn_step(*args, backend="cuda")

@@ -80,12 +80,15 @@ def _attention(raw: dict, where: str) -> dict:
 
 
 def _gdn(raw: dict, where: str) -> dict:
-    nk, nv = raw.get("linear_num_key_heads"), raw.get("linear_num_value_heads")
+    # absent keys take OlmoHybridConfig's defaults
+    nk = int(raw.get("linear_num_key_heads") or raw["num_attention_heads"])
+    nv = int(raw.get("linear_num_value_heads") or raw["num_attention_heads"])
     if nk != nv:
         refuse(where, f"linear_num_key_heads={nk} != linear_num_value_heads={nv} (grouped values; megasleep's "
                       "GatedDeltaNet has one key head per value head)")
-    dk, dv = int(raw["linear_key_head_dim"]), int(raw["linear_value_head_dim"])
-    return {"n_heads": int(nk), "head_dim": dk, "expand_v": dv / dk, "d_conv": int(raw.get("linear_conv_kernel_dim", 4)),
+    dk = int(raw.get("linear_key_head_dim") or int(0.75 * int(raw["hidden_size"]) / nk))
+    dv = int(raw.get("linear_value_head_dim") or 2 * dk)
+    return {"n_heads": nk, "head_dim": dk, "expand_v": dv / dk, "d_conv": int(raw.get("linear_conv_kernel_dim", 4)),
             "allow_neg_eigval": bool(raw.get("linear_allow_neg_eigval", True)), "norm_eps": O_NORM_EPS,
             "l2norm": "fla"}
 
