@@ -90,18 +90,28 @@ def _check_zero_section(path, zero) -> None:
         raise ConfigError(f"{path}: {key}: {err['msg']} (got {err.get('input')!r})") from None
 
 
-def build_ds_config(cfg, world_size: int) -> dict[str, Any]:
+def build_ds_config(cfg, world_size: int, precision: str | None = None) -> dict[str, Any]:
     """The JSON DeepSpeed gets: ``deepspeed.config`` with overrides merged, the batch and clipping keys
-    filled from the experiment, settings the experiment owns refused where the JSON sets them."""
+    filled from the experiment, settings the experiment owns refused where the JSON sets them, and the
+    precision keys of ``precision`` (default: ``train.precision`` resolved for the device the run gets)."""
+    from megasleep.models.precision import deepspeed_precision, resolve_precision
+    from megasleep.train.distributed import wants_cuda
+
     path, conf = read_ds_json(cfg)
     for key in ("optimizer", "scheduler", "fp16", "amp"):
         if key in conf and (key != "fp16" or conf[key].get("enabled")):
             raise ConfigError(f"{path}: '{key}' is set by the experiment config (optim / train.precision), "
                               "remove it from the DeepSpeed JSON")
     if conf.get("bf16", {}).get("enabled") not in (None, False, "auto"):
-        raise ConfigError(f"{path}: bf16.enabled: precision is train.precision (bf16 = autocast with fp32 "
-                          "master weights); set it to \"auto\" or remove it")
+        raise ConfigError(f"{path}: bf16.enabled: precision is train.precision (bf16 = bf16 weights with fp32 "
+                          "master weights, bf16-autocast = autocast over fp32 weights); set it to \"auto\" or "
+                          "remove it")
     conf.pop("bf16", None)
+    precision = precision or resolve_precision(cfg.train.precision, wants_cuda(cfg))
+    for key, value in deepspeed_precision(precision, zero_stage(conf), cfg.source).items():
+        if key in conf:
+            raise ConfigError(f"{path}: '{key}' is set by train.precision={precision}, remove it from the JSON")
+        conf[key] = value
     t = cfg.train
     wanted = {"train_batch_size": t.global_batch_size, "train_micro_batch_size_per_gpu": t.micro_batch_size,
               "gradient_accumulation_steps": check_batch(cfg, world_size), "gradient_clipping": cfg.optim.grad_clip}
