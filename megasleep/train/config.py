@@ -177,6 +177,11 @@ class DeepSpeedConfig(StrictModel):
     zero_stage: int | None = Field(None, ge=0, le=3, description="override the JSON's ZeRO stage")
     zero_init: bool = Field(False, description="ZeRO-3: build the model partitioned (deepspeed.zero.Init)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="merged into the JSON")
+    zero3_keep_gathered: bool = Field(True, description="ZeRO-3: keep each gathered weight until the micro-batch's "
+                                      "backward is done (stage3_max_live_parameters / stage3_max_reuse_distance "
+                                      "raised to the model's size): one all-gather per weight per micro-batch "
+                                      "whatever N, for a full 16-bit copy of the weights per GPU; false: the "
+                                      "JSON's limits (a regather per (window, pass); docs/performance.md)")
     shm_comm: bool = Field(False, description="CPU only: DeepSpeed's shared-memory all-reduce op "
                                               "(JIT-compiled on first use, ~40 s); off = plain gloo")
 

@@ -121,6 +121,8 @@ def build_ds_config(cfg, world_size: int, precision: str | None = None) -> dict[
                               f"size {world_size}); use \"auto\" or remove it")
         conf[key] = wanted[key]
     zero = conf.get("zero_optimization", {})
+    if zero.get("stage") == 3 and cfg.deepspeed.zero3_keep_gathered:
+        keep_gathered(zero, model_parameters(cfg))
     if cfg.optim.name == "muon" and zero.get("stage") == 3:
         if zero.get("reduce_scatter") is True:
             raise ConfigError(f"{path}: zero_optimization.reduce_scatter=true: DeepSpeed's ZeRO-3 Muon "
@@ -129,6 +131,28 @@ def build_ds_config(cfg, world_size: int, precision: str | None = None) -> dict[
     conf.setdefault("steps_per_print", 10**9)
     conf.setdefault("wall_clock_breakdown", False)
     return conf
+
+
+def model_parameters(cfg) -> int:
+    """Parameters of the experiment's model, counted on the meta device (no memory, no weights)."""
+    from megasleep.models import HybridLM
+
+    with torch.device("meta"):
+        return HybridLM(cfg.model).num_parameters()
+
+
+def keep_gathered(zero: dict[str, Any], n_params: int) -> None:
+    """ZeRO-3 releases a gathered weight after its module ran unless DeepSpeed's trace says it is used
+    again within ``stage3_max_reuse_distance`` elements, with at most ``stage3_max_live_parameters``
+    gathered. The sleep loop runs every core block once per (window, pass) and again in backward, so
+    below the model's size each pass regathers the core. At or above it each weight is gathered once
+    per micro-batch (measured: tests/train/test_zero3_gathers.py)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    resolved = DeepSpeedZeroConfig(**zero)  # DeepSpeed's defaults where the JSON is silent
+    for key, field in (("stage3_max_live_parameters", "max_live_parameters"),
+                       ("stage3_max_reuse_distance", "max_reuse_distance")):
+        zero[key] = max(int(getattr(resolved, field)), n_params)
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:
