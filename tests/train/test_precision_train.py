@@ -82,3 +82,14 @@ def test_compiled_blocks_train_like_eager_ones(tmp_path, fp32_run):
     run = precision_run(tmp_path, "compiled", "train.precision=fp32", "train.compile=true",
                         "train.compile_backend=eager")
     torch.testing.assert_close(torch.tensor(run["losses"]), torch.tensor(fp32_run["losses"]), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (benchmarks/gpu_check.sh runs it on a GPU)")
+def test_bf16_on_cuda_through_deepspeed(tmp_path, fp32_run):
+    """The same run on one GPU (NCCL, the CUDA kernels): dtypes as planned after DeepSpeed's engine
+    init, fp32 master partitions, and the loss curve of the fp32 CPU run up to kernel differences."""
+    run = precision_run(tmp_path, "bf16-cuda", "train.precision=bf16", "train.device=cuda")
+    kept = {n for n, d in run["dtypes"].items() if d == "torch.float32"}
+    assert kept == {f"layers.{i}.mixer.{p}" for i in (1, 3) for p in ("A_log", "dt_bias")}, kept
+    assert set(run["masters"]) == {"torch.float32"}
+    assert max(abs(a - b) for a, b in zip(run["losses"], fp32_run["losses"])) < 0.05
