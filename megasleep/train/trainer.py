@@ -405,7 +405,7 @@ class Trainer:
         from megasleep.checkpoint.deepspeed import consolidated_from_zero, export_state_dict
 
         out = self.run_dir / "export"
-        if self.zero_stage == 3:
+        if self.zero_stage == 3 or self.precision == "bf16":  # the fp32 master weights, not the bf16 copies
             if self.last_saved_step != self.step:
                 self.save()
             state = consolidated_from_zero(self.ckpt_dir, None) if self.rank == 0 else None

@@ -58,7 +58,7 @@ def test_precision_keys_of_the_deepspeed_json():
 @pytest.mark.parametrize("stage, ranks", [(1, 1), (3, 1), pytest.param(2, 2, marks=pytest.mark.slow)])
 def test_bf16_trains_through_deepspeed_with_planned_dtypes(tmp_path, fp32_run, stage, ranks):
     run = precision_run(tmp_path, f"bf16-z{stage}", "train.precision=bf16", f"deepspeed.zero_stage={stage}",
-                        ranks=ranks)
+                        "checkpoint.export=true", ranks=ranks)
     kept = {n for n, d in run["dtypes"].items() if d == "torch.float32"}
     if stage < 3:
         # the tiny demo is AGAG: the GDN mixers' A_log and dt_bias (Mamba-2's D: tests/models/test_precision.py)
@@ -74,6 +74,12 @@ def test_bf16_trains_through_deepspeed_with_planned_dtypes(tmp_path, fp32_run, s
     # bf16 rounding only: the loss curve follows the fp32 one (measured: within 0.004 over 10 steps)
     assert max(abs(a - b) for a, b in zip(run["losses"], fp32_run["losses"])) < 0.03
     assert run["losses"][-1] < run["losses"][0] - 1.0
+    # the export holds the fp32 master weights, not the bf16 copies the forward read
+    from megasleep.checkpoint.weights import load_weights
+
+    exported = load_weights(tmp_path / f"bf16-z{stage}" / "export")
+    assert {t.dtype for t in exported.values()} == {torch.float32}
+    assert not all(torch.equal(t, t.bfloat16().float()) for t in exported.values())
 
 
 def test_compiled_blocks_train_like_eager_ones(tmp_path, fp32_run):
