@@ -20,8 +20,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-PRECISIONS = ("auto", "fp32", "bf16-autocast", "bf16")
-
 
 def resolve_precision(requested: str, cuda: bool) -> str:
     """``auto``: bf16 autocast over fp32 weights on a bf16-capable GPU, fp32 elsewhere."""
