@@ -99,3 +99,16 @@ def test_bf16_on_cuda_through_deepspeed(tmp_path, fp32_run):
     assert kept == {f"layers.{i}.mixer.{p}" for i in (1, 3) for p in ("A_log", "dt_bias")}, kept
     assert set(run["masters"]) == {"torch.float32"}
     assert max(abs(a - b) for a, b in zip(run["losses"], fp32_run["losses"])) < 0.05
+
+
+def test_bf16_resume_is_bit_identical(tmp_path):
+    """A bf16 run resumed from its step-3 checkpoint logs the uninterrupted run's losses exactly: the
+    checkpoint carries the fp32 master weights and the kept-fp32 parameters as they were."""
+    from tests.train.helpers import losses, run_train
+
+    common = [*FAST, "train.precision=bf16", "train.steps=6", "checkpoint.every=3", "checkpoint.keep_last=3"]
+    run_train(*common, f"run_dir={tmp_path / 'full'}")
+    src = tmp_path / "full" / "checkpoints" / "step_00000003"
+    run_train(*common, f"run_dir={tmp_path / 'resumed'}", f"checkpoint.resume={src}")
+    full, resumed = losses(tmp_path / "full"), losses(tmp_path / "resumed")
+    assert sorted(resumed) == [4, 5, 6] and all(resumed[s] == full[s] for s in resumed), (full, resumed)
