@@ -33,6 +33,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--quick", action="store_true", help="small shapes (smoke test of the script)")
     p.add_argument("--skip", nargs="*", default=[], choices=["kernels", "train", "wake"])
     p.add_argument("--device", default="cuda", help="cpu runs the training rows only (a smoke test)")
+    p.add_argument("--precision", default="bf16", choices=["bf16", "bf16-autocast"],
+                   help="training rows: bf16 weights (A_log/dt_bias/D fp32, the GPU configs' train.precision) "
+                        "or autocast over fp32 weights")
     args = p.parse_args(argv)
     if any(n < 1 for n in args.passes):
         p.error("--passes must all be >= 1")
@@ -154,6 +157,10 @@ def train_rows(args) -> list[list[object]]:
         torch.manual_seed(0)
         with torch.device(dev):
             model = HybridLM(cfg)
+        if args.precision == "bf16":  # as the trainer does under ZeRO-1/2 (its fp32 master copies are not timed)
+            from megasleep.models.precision import cast_parameters
+
+            cast_parameters(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_cuda)
         p_core = sum(p.numel() for i in model.core_idx for p in model.layers[i].parameters())
         p_rest = model.num_parameters() - p_core - model.embed_tokens.weight.numel() * (0 if cfg.tie_embeddings else 1)
@@ -237,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                  f"{k}: {v}" for k, v in kernel_report().items()), ""]
     sections = [("kernels", "## Kernel vs torch (chunked) speed", kernel_rows, (args.quick,),
                  ["op", "shape", "torch ms", "cuda ms", "speed-up"]),
-                ("train", "## Training throughput (bf16 autocast, AdamW, single GPU = ZeRO-0, "
+                ("train", f"## Training throughput ({args.precision}, AdamW, single GPU = ZeRO-0, "
                           "activation checkpointing per (window, pass))", train_rows, (args,),
                  TRAIN_HEADER),
                 ("wake", "## Wake latency (streaming engine)", wake_rows, (args.quick,),

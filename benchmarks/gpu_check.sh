@@ -11,7 +11,9 @@ PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3
 OUTFILE=${1:-benchmarks/gpu-check-$(date +%F).md}
 shift || true
 echo "== CUDA parity tests (tests/gpu) =="
-timeout "${PYTEST_TIMEOUT:-240}" "$PY" -m pytest -q -ra -p no:cacheprovider tests/gpu 2>&1 | tee /tmp/gpu_tests.log
+# + train.precision=bf16 through DeepSpeed on CUDA (dtypes after engine init, fp32 masters, the loss curve)
+timeout "${PYTEST_TIMEOUT:-240}" "$PY" -m pytest -q -ra -p no:cacheprovider tests/gpu \
+    tests/train/test_precision_train.py -k cuda 2>&1 | tee /tmp/gpu_tests.log
 test_rc=${PIPESTATUS[0]}
 echo "== benchmarks =="
 "$PY" benchmarks/gpu_check.py --out "$OUTFILE" "$@"

@@ -127,8 +127,14 @@ class TrainConfig(StrictModel):
     global_batch_size: int = Field(ge=1, description="sequences per optimizer step, all ranks together")
     micro_batch_size: int = Field(ge=1, description="sequences per rank per forward/backward")
     seed: int = 0
-    precision: Literal["auto", "fp32", "bf16"] = Field(
-        "auto", description="auto: bf16 autocast on CUDA (fp32 master weights, SSM params fp32), fp32 on CPU")
+    precision: Literal["auto", "fp32", "bf16-autocast", "bf16"] = Field(
+        "auto", description="bf16: bf16 weights (ZeRO-1/2: A_log, dt_bias, D stay fp32; ZeRO-3: all bf16) with fp32 "
+                            "master weights and gradient accumulation in DeepSpeed's optimizer; bf16-autocast: "
+                            "autocast over fp32 weights; auto: bf16-autocast on CUDA, fp32 on CPU "
+                            "(docs/performance.md)")
+    compile: bool = Field(False, description="torch.compile each block (same results; compiles once per shape)")
+    compile_backend: str = Field("inductor", description="torch.compile backend for train.compile ('eager' only "
+                                                         "captures graphs: a quick check on CPU)")
     device: Literal["auto", "cpu", "cuda"] = "auto"
     log_every: int = Field(10, ge=1)
     max_bad_steps: int = Field(5, ge=1, description="stop after this many non-finite steps in a row")
@@ -138,6 +144,16 @@ class TrainConfig(StrictModel):
                                                                       "if train.steps were reached (eval, export)")
     divergence_factor: float | None = Field(10.0, gt=1, description="stop (failed) when a step's loss exceeds "
                                             "this x the best loss so far; None = off")
+
+    @field_validator("compile_backend")
+    @classmethod
+    def _known_backend(cls, name: str) -> str:
+        from torch._dynamo import list_backends
+
+        known = list_backends(exclude_tags=())
+        if name not in known:
+            raise ValueError(f"{name!r} is not a torch.compile backend; valid: {', '.join(known)}")
+        return name
 
 
 class CheckpointConfig(StrictModel):
@@ -161,6 +177,11 @@ class DeepSpeedConfig(StrictModel):
     zero_stage: int | None = Field(None, ge=0, le=3, description="override the JSON's ZeRO stage")
     zero_init: bool = Field(False, description="ZeRO-3: build the model partitioned (deepspeed.zero.Init)")
     overrides: dict[str, Any] = Field(default_factory=dict, description="merged into the JSON")
+    zero3_keep_gathered: bool = Field(True, description="ZeRO-3: keep each gathered weight until the micro-batch's "
+                                      "backward is done (stage3_max_live_parameters / stage3_max_reuse_distance "
+                                      "raised to the model's size): one all-gather per weight per micro-batch "
+                                      "whatever N, for a full 16-bit copy of the weights per GPU; false: the "
+                                      "JSON's limits (a regather per (window, pass); docs/performance.md)")
     shm_comm: bool = Field(False, description="CPU only: DeepSpeed's shared-memory all-reduce op "
                                               "(JIT-compiled on first use, ~40 s); off = plain gloo")
 

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from megasleep.config import ConfigError
+from megasleep.models.precision import autocast_dtype, resolve_precision
 
 LAUNCHER_VARS = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 
@@ -27,8 +28,8 @@ class DistContext:
     world: int
     local_rank: int
     device: torch.device
-    precision: str                       # "bf16" | "fp32"
-    autocast_dtype: torch.dtype | None   # bf16 autocast over fp32 weights, or None
+    precision: str                       # "fp32" | "bf16-autocast" | "bf16" (megasleep.models.precision)
+    autocast_dtype: torch.dtype | None   # bf16 for both bf16 modes, or None
 
     def barrier(self) -> None:
         if dist.is_initialized() and self.world > 1:
@@ -46,6 +47,10 @@ def launcher_world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def wants_cuda(cfg) -> bool:
+    return cfg.train.device == "cuda" or (cfg.train.device == "auto" and torch.cuda.is_available())
+
+
 def setup_distributed(cfg) -> DistContext:
     """Initialise the process group for experiment ``cfg``. Plain `python` gets a 1-rank group on a
     free port."""
@@ -53,7 +58,7 @@ def setup_distributed(cfg) -> DistContext:
     if "RANK" not in os.environ:
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=os.environ.get("MASTER_PORT") or str(free_port()))
-    want_cuda = t.device == "cuda" or (t.device == "auto" and torch.cuda.is_available())
+    want_cuda = wants_cuda(cfg)
     if t.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"{cfg.source}: train.device=cuda but CUDA is not available")
     if not want_cuda:
@@ -69,18 +74,16 @@ def setup_distributed(cfg) -> DistContext:
         device = torch.device("cuda", local_rank)
     else:
         device = torch.device("cpu")
-        _cpu_settings(cfg.deepspeed.shm_comm)
+        _cpu_settings(cfg.deepspeed.shm_comm, cfg.train.compile)
     if not dist.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if want_cuda else "gloo")
-    prec = t.precision
-    if prec == "auto":
-        prec = "bf16" if want_cuda and torch.cuda.is_bf16_supported() else "fp32"
+    prec = resolve_precision(t.precision, want_cuda)
     return DistContext(rank=dist.get_rank(), world=dist.get_world_size(), local_rank=local_rank, device=device,
-                       precision=prec, autocast_dtype=torch.bfloat16 if prec == "bf16" else None)
+                       precision=prec, autocast_dtype=autocast_dtype(prec))
 
 
-def _cpu_settings(shm_comm: bool) -> None:
-    if not os.environ.get("MEGASLEEP_TORCH_COMPILE"):
+def _cpu_settings(shm_comm: bool, compile_blocks: bool) -> None:
+    if not (os.environ.get("MEGASLEEP_TORCH_COMPILE") or compile_blocks):
         # DeepSpeed's Muon wraps its Newton-Schulz iteration in torch.compile; on CPU that means an
         # inductor C++ build per matrix shape (minutes for a tiny model), for no gain here
         from torch._dynamo import config as dynamo_config

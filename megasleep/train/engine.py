@@ -90,18 +90,28 @@ def _check_zero_section(path, zero) -> None:
         raise ConfigError(f"{path}: {key}: {err['msg']} (got {err.get('input')!r})") from None
 
 
-def build_ds_config(cfg, world_size: int) -> dict[str, Any]:
+def build_ds_config(cfg, world_size: int, precision: str | None = None) -> dict[str, Any]:
     """The JSON DeepSpeed gets: ``deepspeed.config`` with overrides merged, the batch and clipping keys
-    filled from the experiment, settings the experiment owns refused where the JSON sets them."""
+    filled from the experiment, settings the experiment owns refused where the JSON sets them, and the
+    precision keys of ``precision`` (default: ``train.precision`` resolved for the device the run gets)."""
+    from megasleep.models.precision import deepspeed_precision, resolve_precision
+    from megasleep.train.distributed import wants_cuda
+
     path, conf = read_ds_json(cfg)
     for key in ("optimizer", "scheduler", "fp16", "amp"):
         if key in conf and (key != "fp16" or conf[key].get("enabled")):
             raise ConfigError(f"{path}: '{key}' is set by the experiment config (optim / train.precision), "
                               "remove it from the DeepSpeed JSON")
     if conf.get("bf16", {}).get("enabled") not in (None, False, "auto"):
-        raise ConfigError(f"{path}: bf16.enabled: precision is train.precision (bf16 = autocast with fp32 "
-                          "master weights); set it to \"auto\" or remove it")
+        raise ConfigError(f"{path}: bf16.enabled: precision is train.precision (bf16 = bf16 weights with fp32 "
+                          "master weights, bf16-autocast = autocast over fp32 weights); set it to \"auto\" or "
+                          "remove it")
     conf.pop("bf16", None)
+    precision = precision or resolve_precision(cfg.train.precision, wants_cuda(cfg))
+    for key, value in deepspeed_precision(precision, zero_stage(conf), cfg.source).items():
+        if key in conf:
+            raise ConfigError(f"{path}: '{key}' is set by train.precision={precision}, remove it from the JSON")
+        conf[key] = value
     t = cfg.train
     wanted = {"train_batch_size": t.global_batch_size, "train_micro_batch_size_per_gpu": t.micro_batch_size,
               "gradient_accumulation_steps": check_batch(cfg, world_size), "gradient_clipping": cfg.optim.grad_clip}
@@ -111,6 +121,8 @@ def build_ds_config(cfg, world_size: int) -> dict[str, Any]:
                               f"size {world_size}); use \"auto\" or remove it")
         conf[key] = wanted[key]
     zero = conf.get("zero_optimization", {})
+    if zero.get("stage") == 3 and cfg.deepspeed.zero3_keep_gathered:
+        keep_gathered(zero, model_parameters(cfg))
     if cfg.optim.name == "muon" and zero.get("stage") == 3:
         if zero.get("reduce_scatter") is True:
             raise ConfigError(f"{path}: zero_optimization.reduce_scatter=true: DeepSpeed's ZeRO-3 Muon "
@@ -119,6 +131,28 @@ def build_ds_config(cfg, world_size: int) -> dict[str, Any]:
     conf.setdefault("steps_per_print", 10**9)
     conf.setdefault("wall_clock_breakdown", False)
     return conf
+
+
+def model_parameters(cfg) -> int:
+    """Parameters of the experiment's model, counted on the meta device (no memory, no weights)."""
+    from megasleep.models import HybridLM
+
+    with torch.device("meta"):
+        return HybridLM(cfg.model).num_parameters()
+
+
+def keep_gathered(zero: dict[str, Any], n_params: int) -> None:
+    """ZeRO-3 releases a gathered weight after its module ran unless DeepSpeed's trace says it is used
+    again within ``stage3_max_reuse_distance`` elements, with at most ``stage3_max_live_parameters``
+    gathered. The sleep loop runs every core block once per (window, pass) and again in backward, so
+    below the model's size each pass regathers the core. At or above it each weight is gathered once
+    per micro-batch (measured: tests/train/test_zero3_gathers.py)."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    resolved = DeepSpeedZeroConfig(**zero)  # DeepSpeed's defaults where the JSON is silent
+    for key, field in (("stage3_max_live_parameters", "max_live_parameters"),
+                       ("stage3_max_reuse_distance", "max_reuse_distance")):
+        zero[key] = max(int(getattr(resolved, field)), n_params)
 
 
 def zero_stage(ds_config: dict[str, Any]) -> int:

@@ -95,7 +95,9 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg)
+    from megasleep.models.precision import split_groups_by_dtype
+
+    groups = split_groups_by_dtype(param_groups(model, cfg))  # bf16 weights: ZeRO wants one dtype per group
     if cfg.name == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, foreach=True)
     from deepspeed.runtime.zero.muon.muon_optimizer import MuonWithAuxAdam

@@ -28,6 +28,13 @@ import torch.distributed as dist
 from torch import nn
 
 from megasleep.config import ConfigError, resolve_path
+from megasleep.models.precision import (
+    cast_parameters,
+    casts_itself,
+    check_dtypes,
+    compile_blocks,
+    planned_dtypes,
+)
 from megasleep.sleep import SleepOutput
 from megasleep.train import engine as ds_engine
 from megasleep.train.checkpoint import (
@@ -80,7 +87,7 @@ class Trainer:
         self.dist = setup_distributed(cfg)
         self.rank, self.world, self.device = self.dist.rank, self.dist.world, self.dist.device
         self.precision, self.autocast_dtype = self.dist.precision, self.dist.autocast_dtype
-        self.ds_config = ds_engine.build_ds_config(cfg, self.world)
+        self.ds_config = ds_engine.build_ds_config(cfg, self.world, self.precision)
         self.zero_stage = ds_engine.zero_stage(self.ds_config)
         self.accum = ds_engine.check_batch(cfg, self.world)
         self.stop = StopPolicy(self.run_dir, self.rank, self.t_start, cfg.train.time_limit_minutes,
@@ -172,7 +179,12 @@ class Trainer:
                 n_on += p.requires_grad
             if n_on == 0:
                 raise ConfigError(f"{self.cfg.source}: optim.trainable={pats} matches no parameter")
-        return model.to(self.device)
+        model = model.to(self.device)
+        if casts_itself(self.precision, self.zero_stage):  # ZeRO-3: DeepSpeed's bf16 mode casts
+            cast_parameters(model)
+        if self.cfg.train.compile:
+            compile_blocks(model, backend=self.cfg.train.compile_backend)
+        return model
 
     def build_data(self):
         from megasleep.train.data import ShardStream, TaskStream
@@ -210,6 +222,7 @@ class Trainer:
     def build_engine(self):
         engine = ds_engine.initialize(self.module, self.optimizer, self.ds_config, self.model)
         assert engine.gradient_accumulation_steps() == self.accum, "DeepSpeed planned another accumulation"
+        check_dtypes(self.model, planned_dtypes(self.model, self.precision, self.zero_stage))
         return engine
 
     def build_checkpointer(self) -> CheckpointManager:
@@ -392,7 +405,7 @@ class Trainer:
         from megasleep.checkpoint.deepspeed import consolidated_from_zero, export_state_dict
 
         out = self.run_dir / "export"
-        if self.zero_stage == 3:
+        if self.zero_stage == 3 or self.precision == "bf16":  # the fp32 master weights, not the bf16 copies
             if self.last_saved_step != self.step:
                 self.save()
             state = consolidated_from_zero(self.ckpt_dir, None) if self.rank == 0 else None
