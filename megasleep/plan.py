@@ -6,8 +6,11 @@ Per GPU, for the config's ZeRO stage (deepspeed.zero_stage or its JSON) on ``nod
   fp32 master weights, DeepSpeed's accounting) uses DeepSpeed's own formulas
   (``estimate_zero2_model_states_mem_needs``: ``2P + 18P/W``; ``estimate_zero3_model_states_mem_needs``:
   ``4 * largest layer + 18P/W``; stage 1: ``4P + 16P/W``; stage 0: ``20P``). ``--precision autocast``
-  (what the trainer does today: fp32 weights, bf16 autocast) counts fp32 weights and gradients, the
-  Adam moments, and the bf16 copies autocast keeps of every weight during the forward.
+  (fp32 weights, bf16 autocast) counts fp32 weights and gradients, the Adam moments, and the bf16
+  copies autocast keeps of every weight during the forward; ``fp32`` the same without those copies.
+  By default the precision is the config's ``train.precision`` (``auto`` = autocast on a GPU). Under
+  ZeRO-3 with ``deepspeed.zero3_keep_gathered`` (the default) every weight stays gathered for the
+  micro-batch: a full copy of the weights per GPU is added ("kept gathered weights").
 * activations -- what autograd keeps for backward at the config's micro-batch, window L, N and
   checkpointing policy. Each block is run once on the meta device (no memory, no compute) under a
   saved-tensor hook to count the bytes it saves at ``[micro_batch, L]`` (SSM scans counted as the
@@ -149,18 +152,32 @@ def activation_bytes(model, sleep, batch: int, seq: int, dtype: torch.dtype, dev
     return sum(activation_parts(model, sleep, batch, seq, dtype, device))
 
 
-def model_state_bytes(params: int, largest_layer: int, stage: int, world: int, precision: str) -> dict[str, int]:
-    """Per-GPU bytes of weights, gradients and optimizer state (Adam), by ZeRO stage."""
+def model_state_bytes(params: int, largest_layer: int, stage: int, world: int, precision: str,
+                      keep_gathered: bool = False) -> dict[str, int]:
+    """Per-GPU bytes of weights, gradients and optimizer state (Adam), by ZeRO stage.
+
+    ``keep_gathered`` (ZeRO-3 only): each weight stays gathered for the whole micro-batch
+    (``deepspeed.zero3_keep_gathered``), so a full copy of the weights in their dtype is live per GPU."""
+    gathered = {} if stage != 3 or not keep_gathered else {
+        "kept gathered weights": (2 if precision == "bf16" else 4) * params}
     if precision == "bf16":  # DeepSpeed's accounting: 16-bit weights and grads, fp32 master + 2 moments
         total = {0: 20 * params, 1: 4 * params + 16 * params // world,
                  2: 2 * params + 18 * params // world,
                  3: 4 * largest_layer + 18 * params // world}[stage]
-        return {"model states": total}
+        return {"model states": total, **gathered}
     # fp32 weights and grads, Adam's 2 fp32 moments, plus autocast's bf16 weight copies in the forward
     weights = 4 * params if stage < 3 else 4 * params // world + 4 * largest_layer
     grads = 4 * params if stage < 2 else 4 * params // world
     optim = 8 * params if stage == 0 else 8 * params // world
-    return {"weights": weights, "gradients": grads, "optimizer": optim, "autocast weight copies": 2 * params}
+    states = {"weights": weights, "gradients": grads, "optimizer": optim}
+    if precision == "autocast":
+        states["autocast weight copies"] = 2 * params
+    return {**states, **gathered}
+
+
+def config_precision(exp) -> str:
+    """The plan's precision for an experiment's ``train.precision`` on a GPU."""
+    return {"bf16": "bf16", "fp32": "fp32"}.get(exp.train.precision, "autocast")  # auto = autocast on CUDA
 
 
 def step_flops(model, costs: list[BlockCost], sleep, seq: int, tokens: int) -> tuple[float, float]:
@@ -201,7 +218,7 @@ def batch_problems(exp, world: int) -> list[str]:
     return []
 
 
-def plan(config: str, nodes: int, gpus_per_node: int, gpu_mem_gib: float, precision: str = "autocast",
+def plan(config: str, nodes: int, gpus_per_node: int, gpu_mem_gib: float, precision: str | None = None,
          seq: int | None = None, overhead_gib: float = 2.0, kernels: str = "cuda", overrides=(),
          device="meta") -> dict:
     from megasleep.models import HybridLM
@@ -210,6 +227,7 @@ def plan(config: str, nodes: int, gpus_per_node: int, gpu_mem_gib: float, precis
 
     exp = load_experiment(config, overrides)
     world = nodes * gpus_per_node
+    precision = precision or config_precision(exp)
     seq = seq or exp.data.loader.seq_len or exp.sleep.window
     with torch.device(device):
         model = HybridLM(exp.model_cfg)
@@ -219,7 +237,7 @@ def plan(config: str, nodes: int, gpus_per_node: int, gpu_mem_gib: float, precis
     params = model.num_parameters()
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     stage = zero_stage(exp)
-    states = model_state_bytes(params, largest, stage, world, precision)
+    states = model_state_bytes(params, largest, stage, world, precision, exp.deepspeed.zero3_keep_gathered)
     b = exp.train.micro_batch_size
     with fused_scan_accounting() if kernels == "cuda" else contextlib.nullcontext():
         acts = activation_bytes(model, exp.sleep, b, seq, act_dtype, device)
@@ -266,8 +284,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nodes", type=int, default=1)
     p.add_argument("--gpus-per-node", type=int, default=8)
     p.add_argument("--gpu-mem", type=float, default=80.0, help="GiB per GPU (default 80)")
-    p.add_argument("--precision", choices=["autocast", "bf16"], default="autocast",
-                   help="autocast: fp32 weights + bf16 autocast (the trainer today); bf16: bf16 parameters")
+    p.add_argument("--precision", choices=["fp32", "autocast", "bf16"], default=None,
+                   help="default: the config's train.precision (auto = autocast on a GPU); autocast: fp32 "
+                        "weights + bf16 autocast; bf16: bf16 parameters with fp32 master weights")
     p.add_argument("--seq", type=int, default=None, help="tokens per sequence (default: data.loader.seq_len)")
     p.add_argument("--overhead-gib", type=float, default=2.0)
     p.add_argument("--kernels", choices=["cuda", "torch"], default="cuda",

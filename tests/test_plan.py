@@ -96,3 +96,23 @@ def test_cli(capsys):
         sys.argv = argv
     out = capsys.readouterr().out
     assert rc == 1 and "DOES NOT FIT" in out and "every 1 block(s)" in out
+
+
+def test_precision_follows_the_config_and_zero3_counts_the_kept_gathered_weights():
+    """Without --precision the plan uses train.precision; ZeRO-3 with zero3_keep_gathered (the default)
+    adds one full copy of the weights in their dtype, and switching it off removes exactly that."""
+    base = ["deepspeed.zero_stage=3"]
+    bf16 = plan(TINY, 1, 8, 80, overrides=[*base, "train.precision=bf16"])
+    auto = plan(TINY, 1, 8, 80, overrides=[*base, "train.precision=auto"])
+    fp32 = plan(TINY, 1, 8, 80, overrides=[*base, "train.precision=fp32"])
+    assert (bf16["precision"], auto["precision"], fp32["precision"]) == ("bf16", "autocast", "fp32")
+    P = bf16["params"]
+    assert bf16["model_states"]["kept gathered weights"] == 2 * P
+    assert fp32["model_states"]["kept gathered weights"] == 4 * P
+    assert "autocast weight copies" in auto["model_states"] and "autocast weight copies" not in fp32["model_states"]
+    off = plan(TINY, 1, 8, 80, overrides=[*base, "train.precision=bf16", "deepspeed.zero3_keep_gathered=false"])
+    assert "kept gathered weights" not in off["model_states"]
+    assert sum(bf16["model_states"].values()) - sum(off["model_states"].values()) == 2 * P
+    z2 = plan(TINY, 1, 8, 80, overrides=["deepspeed.zero_stage=2", "train.precision=bf16"])
+    assert "kept gathered weights" not in z2["model_states"]  # only ZeRO-3 gathers weights
+    assert plan(TINY, 1, 8, 80, precision="autocast", overrides=[*base, "train.precision=bf16"])["precision"] == "autocast"
