@@ -93,7 +93,7 @@ def direct_forward(model, autocast_dtype: torch.dtype | None = None) -> Forward:
 
 @dataclass
 class EvalSettings:
-    passes: list[int]
+    eval_passes: list[int]             # the N to evaluate at
     window: int
     eviction: str = "hard"
     adaptive_tol: float | None = None
@@ -392,10 +392,10 @@ def _diff_key(d):
 
 
 def evaluate(model, data: EvalData, settings: EvalSettings, tokenizer=None) -> tuple[list[dict], list[dict]]:
-    """All N in ``settings.passes``: (results per N, per-sample records)."""
+    """All N in ``settings.eval_passes``: (results per N, per-sample records)."""
     model.eval()
     results, records = [], []
-    for n in settings.passes:
+    for n in settings.eval_passes:
         res, recs = evaluate_passes(model, data, settings, n, tokenizer)
         results.append(res)
         for r in recs:

@@ -7,7 +7,7 @@ results.json (format "megasleep-eval", version 1)::
      "checkpoint": {path, format, config, tokenizer, sleep, source, ...},
      "data": {kind, task, difficulty_name, source, spec / generator, n_examples, manifest_path, manifest},
      "tokenizer": {"checkpoint": hash, "data": hash, "used": hash},
-     "settings": {sleep_passes, window, eviction, adaptive_tol, batch_size, bootstrap, seed, scoring,
+     "settings": {eval_passes, window, eviction, adaptive_tol, batch_size, bootstrap, seed, scoring,
                   max_new_tokens, max_examples, device, dtype},
      "results": [{passes, n_examples, loss, ppl, tokens, seconds, forwards, scoring,
                   overall: {correct, n_units, n_samples, accuracy, ci_low, ci_high (bootstrap),

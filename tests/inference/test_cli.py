@@ -58,7 +58,7 @@ def run(capsys, *args):
 
 def test_generate_with_prompt_ids_matches_the_api(ckpt, capsys):
     model, _, path = ckpt
-    rc, out, err = run(capsys, "--checkpoint", path, "--prompt-ids", "4,5,6,7,8,9,10", "--sleep-passes", 3,
+    rc, out, err = run(capsys, "--checkpoint", path, "--prompt-ids", "4,5,6,7,8,9,10", "--passes", 3,
                        "--window", 4, "--eviction", "sliding", "--max-new-tokens", 9, "--temperature", 0,
                        "--no-eos", "--device", "cpu")
     assert rc == 0, err
@@ -95,7 +95,7 @@ def test_vocab_mismatch_is_a_clear_error(ckpt, capsys, tmp_path):
     (["--prompt-ids", "", "-L", 4], "empty prompt"),
     (["--prompt-ids", "1,2,64", "-L", 4], "token ids must be integers in [0, 64) for this model, got [64]"),
     (["--prompt-ids", "1,x", "-L", 4], "must be integers"),
-    (["--prompt-ids", "1,2", "-L", 4, "--sleep-passes", 0], "--sleep-passes must be >= 1"),
+    (["--prompt-ids", "1,2", "-L", 4, "--passes", 0], "--passes must be >= 1"),
     (["--prompt-ids", "1,2"], "give --window"),
 ])
 def test_bad_cli_input(ckpt, capsys, args, msg):
@@ -117,3 +117,11 @@ def test_sleep_settings_default_to_the_checkpoints(ckpt, capsys, tmp_path):
     assert rc == 0, err
     assert "N=2 L=3 eviction=sliding" in err and "sleeps: 2" in err
     assert out.split() and all(t.isdigit() for t in out.split())     # no tokenizer: ids are printed
+
+
+def test_the_old_flag_name_is_refused_with_the_new_one(ckpt, capsys):
+    _, _, path = ckpt
+    with pytest.raises(SystemExit) as exc:
+        run(capsys, "--checkpoint", path, "--prompt-ids", "1,2", "-L", 4, "--sleep-passes", 2)
+    assert exc.value.code == 2
+    assert "--sleep-passes: renamed --passes" in capsys.readouterr().err
