@@ -297,3 +297,11 @@ def test_bad_inputs(r110, depo, tmp_path, capsys):
                 "--eval-passes", "1", "--out", out, "--no-plots") == 0
     doc = json.loads((out / "results.json").read_text())
     assert [b["n_samples"] for b in doc["results"][0]["buckets"]] == [4, 4]
+
+
+@pytest.mark.parametrize("argv,new", [(["eval", "--checkpoint", "x", "--sleep-passes", "1,2"], "--eval-passes"),
+                                      (["demo", "--passes", "1,2"], "--train-passes")])
+def test_old_names_of_the_lists_of_n_are_refused_with_the_new_name(argv, new, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and f"{argv[-2]}: renamed {new}" in capsys.readouterr().err
