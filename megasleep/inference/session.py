@@ -138,6 +138,11 @@ class Session:
         self._feats: Tensor | None = None
         if self._sleeps:
             self._feats = torch.zeros(batch, cfg.window, model.config.d_model, device=self.device, dtype=self.dtype)
+        # the window's core input (the prelude's output, what entered the core on the wake pass): the sleep
+        # remedies reinject / feedback_norm feed it into every sleep pass, so it is kept only for them
+        self._core_in: Tensor | None = None
+        if self._sleeps and (cfg.reinject or cfg.feedback_norm):
+            self._core_in = torch.zeros_like(self._feats)
 
     # ---- public API -----------------------------------------------------------------------------
     @property
@@ -197,14 +202,16 @@ class Session:
             self._start_short = [sel(c) for c in self._start_short]
         if self._feats is not None:
             self._feats = self._feats[idx].contiguous()
+        if self._core_in is not None:
+            self._core_in = self._core_in[idx].contiguous()
         self.batch = len(idx)
         return self
 
     def state_dict(self) -> dict:
         """Everything the session holds, as plain containers of tensors (``torch.save``-able; no weights).
 
-        A snapshot: the sleep-feature buffer, the one tensor the session writes in place, is copied, so
-        the dict does not change when the session runs on (the other tensors are replaced, never written).
+        A snapshot: the sleep-feature and core-input buffers, the tensors the session writes in place, are
+        copied, so the dict does not change when the session runs on (the others are replaced, never written).
         """
 
         def cache(c: LayerCache) -> dict:
@@ -215,7 +222,8 @@ class Session:
                 "sleep_log": [(r.window, r.passes_used, r.seconds) for r in self.sleep_log], "caches": [cache(c) for c in self.caches],
                 "conv0": list(self._conv0),
                 "start_short": None if self._start_short is None else [cache(c) for c in self._start_short],
-                "feats": None if self._feats is None else self._feats.clone()}
+                "feats": None if self._feats is None else self._feats.clone(),
+                "core_in": None if self._core_in is None else self._core_in.clone()}
 
     def load_state_dict(self, sd: dict) -> Session:
         """Restore a :meth:`state_dict` of a session with the same window, passes and eviction."""
@@ -223,6 +231,10 @@ class Session:
         if (sd["window"], sd["passes"], sd["eviction"]) != mine:
             raise ValueError(f"state is for (L, N, eviction) = {(sd['window'], sd['passes'], sd['eviction'])}, "
                              f"this session is {mine}")
+        core_in = sd.get("core_in")  # absent in states saved before the sleep remedies were streamed
+        if (core_in is None) != (self._core_in is None):
+            raise ValueError("state and session differ in sleep.reinject / sleep.feedback_norm (whether the "
+                             "window's core input is kept)")
         dev = self.device
 
         def to(t):
@@ -241,6 +253,7 @@ class Session:
         # a copy: the buffer is written in place while a window fills, so sharing it with ``sd`` would let
         # two sessions restored from one state corrupt each other's sleep at the next window end
         self._feats = None if sd["feats"] is None else sd["feats"].to(dev, copy=True)
+        self._core_in = None if core_in is None else core_in.to(dev, copy=True)
         return self
 
     def fork(self) -> Session:
@@ -279,6 +292,8 @@ class Session:
                 add_cache(f"window_start.layer{i}", c)
         if self._feats is not None:
             out["window_features"] = self._feats
+        if self._core_in is not None:
+            out["window_core_input"] = self._core_in
         return out
 
     def state_bytes(self) -> int:
@@ -309,6 +324,8 @@ class Session:
         ctx = self._ctx(self.position, self.position + n)
         h = model.embed(ids)
         h, caches = model.run_blocks(model.prelude_idx, h, self.caches, ctx)
+        if self._core_in is not None:
+            self._core_in[:, off:off + n] = h
         h, caches = model.run_blocks(model.core_idx, h, caches, ctx)
         if self._sleeps:
             self._feats[:, off:off + n] = h
@@ -331,7 +348,7 @@ class Session:
         if self._sleeps:
             ctx = self._ctx(self.position - self.window, self.position)
             self.caches, used = self.runner.end_window(self._feats, self.caches, ctx, self._start_short,
-                                                       self.passes)
+                                                       self.passes, self._core_in)
             self._start_short = None
         caches = [_compact(c) for c in self.runner.evict(self.caches)]
         for i, c in enumerate(caches):
