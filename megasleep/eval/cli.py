@@ -148,6 +148,7 @@ def run(args) -> Path:
     from megasleep.eval.harness import EvalSettings, evaluate
     from megasleep.eval.report import write_results
     from megasleep.eval.scoring import chance_level
+    from megasleep.inference.checkpoint import trained_forward_switches
 
     if not args.checkpoint:
         raise ValueError("--checkpoint is required (an exported model directory)")
@@ -215,7 +216,8 @@ def run(args) -> Path:
                                 or "hard", adaptive_tol=args.adaptive_tol, batch_size=args.batch_size,
                                 bootstrap=args.bootstrap, seed=args.seed, scoring=args.scoring,
                                 max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-                                diagnostics_samples=max(0, args.diagnostics_samples))
+                                diagnostics_samples=max(0, args.diagnostics_samples),
+                                **trained_forward_switches(ck_sleep))
         results, records = evaluate(model, data, settings, tokenizer)
 
     import megasleep
@@ -233,6 +235,7 @@ def run(args) -> Path:
         "data": {"kind": data.kind, "task": data.task, "difficulty_name": data.difficulty_name, **data.info},
         "tokenizer": {"checkpoint": ck_tok_hash, "data": data.tokenizer_hash, "used": used_hash},
         "settings": {"eval_passes": passes, "window": settings.window, "eviction": settings.eviction,
+                     **trained_forward_switches(ck_sleep),
                      "adaptive_tol": settings.adaptive_tol, "batch_size": settings.batch_size,
                      "bootstrap": settings.bootstrap, "seed": settings.seed, "scoring": settings.scoring,
                      "max_new_tokens": settings.max_new_tokens, "max_examples": args.max_examples,

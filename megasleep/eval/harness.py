@@ -104,10 +104,12 @@ class EvalSettings:
     max_new_tokens: int | None = None  # GSM generation budget (None: the answer's token count)
     progress: bool = True
     diagnostics_samples: int = 0       # collapse diagnostics per N on this many samples, evenly spread (0: none)
+    reinject: bool = False             # the sleep switches the model was trained with that change its forward
+    feedback_norm: bool = False
 
     def sleep_config(self, passes: int) -> SleepConfig:
-        return SleepConfig(window=self.window, passes=passes, eviction=self.eviction,
-                           adaptive_tol=self.adaptive_tol, checkpoint=False)
+        return SleepConfig(window=self.window, passes=passes, eviction=self.eviction, adaptive_tol=self.adaptive_tol,
+                           reinject=self.reinject, feedback_norm=self.feedback_norm, checkpoint=False)
 
 
 @dataclass

@@ -51,6 +51,7 @@ class MegasleepLM(TemplateLM):
         from megasleep.checkpoint.released import tokenizer_path
         from megasleep.data.tokenizer import load_tokenizer
         from megasleep.eval.harness import CollectingRunner
+        from megasleep.inference.checkpoint import trained_forward_switches
         from megasleep.sleep.config import SleepConfig
 
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -71,7 +72,7 @@ class MegasleepLM(TemplateLM):
         self.sleep = SleepConfig(window=int(window or trained.get("window") or 2048),
                                  passes=int(passes or trained.get("passes") or 1),
                                  eviction=eviction or trained.get("eviction") or "hard",
-                                 adaptive_tol=adaptive_tol, checkpoint=False)
+                                 adaptive_tol=adaptive_tol, checkpoint=False, **trained_forward_switches(trained))
         self.runner = CollectingRunner(self.model, self.sleep)
         bs = str(batch_size if batch_size is not None else 1)
         self.batch_size = 1 if bs.startswith("auto") else max(1, int(bs))  # "auto" is not supported: 1

@@ -80,8 +80,10 @@ def main(args: argparse.Namespace) -> int:
         default_tokenizer_path,
         load_model,
         read_checkpoint_config,
+        trained_forward_switches,
     )
     from megasleep.inference.generate import generate_stream
+    from megasleep.sleep import SleepConfig
 
     ckpt = Path(args.checkpoint)
     raw = read_checkpoint_config(ckpt)
@@ -123,8 +125,9 @@ def main(args: argparse.Namespace) -> int:
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
-    stream = generate_stream(model, [ids], args.max_new_tokens, window=window, passes=passes, eviction=eviction,
-                             adaptive_tol=args.adaptive_tol, temperature=args.temperature, top_k=args.top_k,
+    sleep = SleepConfig(window=window, passes=passes, eviction=eviction, adaptive_tol=args.adaptive_tol,
+                        checkpoint=False, **trained_forward_switches(saved))
+    stream = generate_stream(model, [ids], args.max_new_tokens, sleep=sleep, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, eos_id=eos, seed=args.seed, device=device, backend=args.kernels)
     out = sys.stdout
     t0 = time.perf_counter()

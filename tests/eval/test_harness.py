@@ -305,3 +305,20 @@ def test_old_names_of_the_lists_of_n_are_refused_with_the_new_name(argv, new, ca
     with pytest.raises(SystemExit) as exc:
         main(argv)
     assert exc.value.code == 2 and f"{argv[-2]}: renamed {new}" in capsys.readouterr().err
+
+
+def test_a_model_trained_with_a_sleep_remedy_is_evaluated_with_it(r110, tmp_path):
+    """reinject / feedback_norm change the forward: the checkpoint's recorded switches reach the scorer
+    (the same weights recorded without them score differently; before, both scored alike)."""
+    model = _model(r110["tok"].vocab_size)
+    loss = {}
+    for name, switches in (("plain", {}), ("reinject", {"reinject": True, "feedback_norm": True})):
+        ck = save_pretrained(model, tmp_path / name, tokenizer_path=r110["tok"].path,
+                             sleep={"window": 8, "passes": 3, "eviction": "hard", **switches})
+        out = tmp_path / f"res-{name}"
+        assert _run("--checkpoint", ck, "--data", r110["shards"], "--eval-passes", "3", "--max-examples", "8", "--out", out,
+                    "--no-plots", "--diagnostics-samples", "0") == 0
+        doc = json.loads((out / "results.json").read_text())
+        assert doc["settings"]["reinject"] == bool(switches) and doc["settings"]["window"] == 8
+        loss[name] = doc["results"][0]["loss"]
+    assert loss["plain"] != loss["reinject"]  # deterministic CPU runs: equal unless the forward differs
