@@ -1,22 +1,17 @@
 """Resumable WebDataset loader: split by rank and worker, seeded shuffle, weighted mixing, padding or
 packing, bad-data accounting, exact resume.
 
-Usage::
-
-    from megasleep.data.loader import build_loader
     loader = build_loader({"datasets": ["data/rule110/train"], "batch_size": 64, "seed": 0},
                           rank=rank, world_size=world_size)
     loader.load_state_dict(ckpt["data"])          # optional: resume exactly
     for batch in loader:                          # dict(input_ids, loss_mask, doc_ids, meta)
-        ...
         ckpt["data"] = loader.state_dict()        # the samples consumed so far, nothing prefetched
 
-Contract: ``state_dict()`` is JSON-able and counts only the batches handed out (each batch carries its
-worker's state; prefetched batches are not counted); a loader given it back yields what the
-uninterrupted one would have yielded next. Missing shards, empty globs and tokenizer mismatches fail in
-:func:`build_loader`; bad data past ``max_bad_fraction`` stops iteration with :class:`BadDataError`.
+Contract: ``state_dict()`` is JSON-able and counts only the batches handed out; a loader given it back
+yields what the uninterrupted one would have yielded next. Missing shards, empty globs and tokenizer
+mismatches fail in :func:`build_loader`; bad data past ``max_bad_fraction`` raises :class:`BadDataError`.
 How a worker reads, shuffles and mixes, and why that part is ours: :mod:`megasleep.data.worker_stream`.
-Options and guarantees: docs/data.md ("Loader").
+Doc: docs/data.md ("Loader").
 """
 
 from __future__ import annotations

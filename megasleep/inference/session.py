@@ -1,25 +1,17 @@
-"""Streaming wake/sleep session (docs/inference.md): token-by-token wake decoding, sleep whenever a
-window fills, memory bounded by one window whatever the number of tokens seen.
+"""Streaming wake/sleep session: token-by-token wake decoding, sleep whenever a window fills, memory
+bounded by one window whatever the number of tokens seen.
 
-A :class:`Session` serves one batch of sequences that advance together (same absolute positions, so
-the same window boundaries). It holds, and nothing else that depends on the tokens:
-
-* per layer the :class:`~megasleep.models.cache.LayerCache` — SSM fast weights ``S`` and short-conv
-  state (fixed size), attention keys/values of at most the last ``L-1`` positions (the attention layer
-  trims its cache to ``L-1`` after every call; emptied at a hard window boundary);
-* for the current window, what sleep needs: the core blocks' wake-pass output features
-  ``[B, L, d]`` (a preallocated buffer filled as tokens arrive) and the core layers' short-term
-  memory (conv + KV) as the window started. Both are kept only when ``N > 1``.
-
-``feed`` (alias ``prefill``) runs any number of tokens chunk-parallel, cut at window boundaries;
-``step`` runs one token (the mixers take their recurrent single-token path: ``ssd_step``,
-``gdn_step``, ``causal_conv1d_step``, which dispatch to mamba_ssm / FLA / causal_conv1d kernels on
-CUDA). Whenever the window fills, the session sleeps at once — passes 2..N over the window's core
-features via :meth:`megasleep.sleep.SleepRunner.sleep` (the one implementation of the sleep passes)
-— then restores the wake pass's short-term memory and evicts, exactly as the chunked
-:func:`megasleep.sleep.sleep_forward` does between two windows. The logits are therefore those of
-the chunked forward over the same tokens, whatever mix of ``feed`` and ``step`` produced them (the
-chunked forward skips sleep after the *last* window, which changes no logit).
+What: a :class:`Session` serves a batch of sequences that advance together (same window boundaries);
+it holds per layer the :class:`~megasleep.models.cache.LayerCache` (fast weights ``S``, conv state,
+at most ``L-1`` keys/values) and, for the current window and only when ``N > 1``, the core's wake-pass
+features ``[B, L, d]``, the core's short-term memory as the window started and (with ``reinject`` /
+``feedback_norm``) the window's core input. ``feed`` / ``prefill`` run tokens chunk-parallel, ``step``
+one token on the mixers' recurrent path; a filled window sleeps at once through
+:meth:`megasleep.sleep.SleepRunner.end_window`, then evicts.
+Contract: the logits equal those of :func:`megasleep.sleep.sleep_forward` over the same tokens, whatever
+mix of ``feed`` and ``step`` produced them (tests/inference/test_parity.py).
+Why one sleep implementation: the session calls the training loop's, so it cannot drift from it.
+Doc: docs/inference.md.
 """
 
 from __future__ import annotations

@@ -5,17 +5,12 @@ run's validation samples, at every N of ``eval.eval_passes``.
     if validator.should_validate(step):
         results = validator.validate(step, metrics, run_dir)   # the results list of results.json
 
-The trainer passes the forward of its DeepSpeed engine (so ZeRO-3 gathers parameters as in training)
-running :class:`megasleep.eval.harness.CollectingRunner`: only the answer positions' predictions and
-CE are kept, never ``[B, T, V]`` logits. Each rank scores its share of the batches (every rank the
-same number: ZeRO-3 forwards are collective); :meth:`megasleep.eval.harness.Tally.reduce` merges them.
-So the accuracy a run logs is the one ``megasleep eval`` and the study tables report: correct
-*units* over units (a Depo query is a unit), for the same model, N and samples.
-
-With ``eval.diagnostics`` every N also gets the collapse diagnostics (:mod:`megasleep.sleep.diagnostics`)
-of this rank's first :data:`DIAG_SAMPLES` samples (rank 0's are the ones logged), measured on the
-underlying model outside the engine — under ZeRO-3 inside ``GatheredParameters`` on every rank, since
-gathering is collective. They are logged as ``N=2/diag/...`` and stored in each N's result.
+Contract: the accuracy a run logs is the one ``megasleep eval`` and the study tables report (correct
+units over units, same model, N and samples). Each rank scores the same number of batches through its
+DeepSpeed engine's forward (ZeRO-3 forwards are collective) and :meth:`Tally.reduce` merges them; no
+``[B, T, V]`` logits are kept. With ``eval.diagnostics`` each N also gets the collapse diagnostics of
+:data:`DIAG_SAMPLES` samples, measured on the plain model (under ZeRO-3 inside ``GatheredParameters``
+on every rank, since gathering is collective). Doc: docs/training.md ("Evaluation during training").
 """
 
 from __future__ import annotations
