@@ -1,11 +1,12 @@
 """A study (``configs/studies/*.yaml``): one base experiment trained once per (sleep depth N, seed).
 
 Every run of a study is the real trainer (``megasleep train``) on its own typed experiment config: the
-base experiment with the study's shared overrides (dotted strings, the YAML/CLI format, validated once)
-and then the run's own edits of typed values (``sleep.passes``, the seeds, the evaluation), re-validated
-as a whole; the run trains from that config written to ``run_dir/config.yaml``. The seed sets both ``train.seed`` (init, and
-the random-N draw) and ``data.task.seed`` (the sample stream), so for one seed every N sees exactly the
-same tokens in the same order: the runs differ only in how deeply they sleep.
+base experiment with the study's shared overrides (dotted strings, the YAML/CLI format, validated
+once), then the run's own edits of typed values (``sleep.passes``, the seeds, the evaluation),
+re-validated as a whole; the run trains from that config written to ``run_dir/config.yaml``. The seed
+sets both ``train.seed`` (init, and the random-N draw) and ``data.task.seed`` (the sample stream), so
+for one seed every N sees exactly the same tokens in the same order: the runs differ only in how
+deeply they sleep.
 """
 
 from __future__ import annotations
