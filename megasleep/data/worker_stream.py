@@ -25,15 +25,12 @@ import itertools
 import struct
 import warnings
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import Any
 
 import numpy as np
 
 from megasleep.data.errors import BadDataError, DataError
 from megasleep.data.sample import MalformedSample, collate, decode_sample
-
-if TYPE_CHECKING:
-    from megasleep.data.loader import LoaderConfig
 
 _MAX_NAMES = 50  # bad shard names kept in the state / error message
 
@@ -53,9 +50,9 @@ _SHUFFLE, _MIX, _SHARDS = 1, 2, 3
 class WorkerContext:
     """Everything a worker needs, picklable (sent to DataLoader workers)."""
 
-    def __init__(self, cfg: LoaderConfig, sources: list[dict], rank: int, world_size: int, n_logical: int,
+    def __init__(self, cfg: Any, sources: list[dict], rank: int, world_size: int, n_logical: int,
                  pad_id: int, vocab_size: int | None, start_epoch: int):
-        self.cfg = cfg
+        self.cfg = cfg  # megasleep.data.loader.LoaderConfig (not imported: the loader imports this module)
         self.sources = sources  # [{"name", "urls", "weight", "counts": {url: n} | None}]
         self.rank, self.world_size, self.n_logical = rank, world_size, n_logical
         self.pad_id, self.vocab_size, self.start_epoch = pad_id, vocab_size, start_epoch
