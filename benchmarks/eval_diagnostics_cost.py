@@ -28,16 +28,16 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=3)
     args = p.parse_args()
-    cfg = load_experiment(None, ["eval.passes=[1,2,4]", "eval.samples=256", "eval.batch_size=64"])
+    cfg = load_experiment(None, ["eval.eval_passes=[1,2,4]", "eval.samples=256", "eval.batch_size=64"])
     with tempfile.TemporaryDirectory() as tmp:
         tok = get_task(cfg.data.task.name).make_task_tokenizer(Path(tmp) / "tok")
         torch.manual_seed(0)
         model = HybridLM(cfg.model_cfg).eval()
         batches, task = validation_batches(cfg, tok, 0, 1)
         fwd, cpu = direct_forward(model), torch.device("cpu")
-        plain = Validator(fwd, batches, cfg.sleep, cfg.eval.passes, 0, cpu, task)
-        diag = Validator(fwd, batches, cfg.sleep, cfg.eval.passes, 0, cpu, task, model=model, pad_id=tok.pad_id)
-        print(f"tiny demo validator: {sum(len(i) for i, _ in batches)} samples, N in {cfg.eval.passes}, "
+        plain = Validator(fwd, batches, cfg.sleep, cfg.eval.eval_passes, 0, cpu, task)
+        diag = Validator(fwd, batches, cfg.sleep, cfg.eval.eval_passes, 0, cpu, task, model=model, pad_id=tok.pad_id)
+        print(f"tiny demo validator: {sum(len(i) for i, _ in batches)} samples, N in {cfg.eval.eval_passes}, "
               f"diagnostics on {DIAG_SAMPLES} samples per N")
         for rep in range(args.repeats):
             t0 = time.perf_counter()

@@ -25,7 +25,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", type=Path, default=None, help="also write the markdown report here")
     p.add_argument("--models", nargs="+", default=["350m", "1.3b"], help="configs/models/<name>.yaml")
-    p.add_argument("--passes", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--eval-passes", type=int, nargs="+", default=[1, 2, 4], help="the N to measure at")
     p.add_argument("--seq", type=int, default=4096)
     p.add_argument("--window", type=int, default=1024)
     p.add_argument("--batch", type=int, default=2)
@@ -37,8 +37,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                    help="training rows: bf16 weights (A_log/dt_bias/D fp32, the GPU configs' train.precision) "
                         "or autocast over fp32 weights")
     args = p.parse_args(argv)
-    if any(n < 1 for n in args.passes):
-        p.error("--passes must all be >= 1")
+    if any(n < 1 for n in args.eval_passes):
+        p.error("--eval-passes must all be >= 1")
     if args.seq < 1 or args.window < 1 or args.batch < 1 or args.steps < 1:
         p.error("--seq, --window, --batch and --steps must be >= 1")
     return args
@@ -169,7 +169,7 @@ def train_rows(args) -> list[list[object]]:
         T, L, B = args.seq, args.window, args.batch
         ids = torch.randint(0, cfg.vocab_size, (B, T), device=dev)
         base = None
-        for n in args.passes:
+        for n in args.eval_passes:
             scfg = SleepConfig(window=L, passes=n)
             state = {}
 
@@ -194,7 +194,7 @@ def train_rows(args) -> list[list[object]]:
             tflops = flops / t / 1e12
             mem = torch.cuda.max_memory_allocated() / 2**30 if on_cuda else float("nan")
             tps = tokens / t
-            base = base if n != args.passes[0] else tps
+            base = base if n != args.eval_passes[0] else tps
             # goal: throughput at N >= 1/N of N=1's (sleep costs its passes and nothing more)
             rows.append([model_name, n, f"{B}x{T}, L={L}", tps, tflops,
                          f"{100 * tflops / peak:.1f}%" if peak else "-", mem, tps / base,

@@ -184,7 +184,7 @@ def bench_sleep(args) -> list[Row]:
     import sleep_cost
 
     ns = argparse.Namespace(batch=args.sleep_batch, seq=args.sleep_T, window=args.sleep_window,
-                            passes=[1, 2, 4], repeats=args.repeats)
+                            eval_passes=[1, 2, 4], repeats=args.repeats)
     cfg = f"tiny, B={ns.batch} T={ns.seq} L={ns.window}, ckpt on"
     rows = []
     for r in sleep_cost.time_steps(ns)[1:]:

@@ -56,20 +56,20 @@ def time_steps(args, policy: str = "pass") -> list[dict]:
     import torch
 
     rows = []
-    setups = {n: _setup(args, n, policy) for n in args.passes}
-    for n in args.passes:  # warm-up
+    setups = {n: _setup(args, n, policy) for n in args.eval_passes}
+    for n in args.eval_passes:  # warm-up
         train_step(*setups[n])
-    times = {n: [] for n in args.passes}
+    times = {n: [] for n in args.eval_passes}
     forwards = {}
     for _ in range(args.repeats):  # interleave so drift hits every N alike
-        for n in args.passes:
+        for n in args.eval_passes:
             t0 = time.perf_counter()
             out = train_step(*setups[n])
             times[n].append(time.perf_counter() - t0)
             forwards[n] = out.forwards
-    base = args.passes[0]
+    base = args.eval_passes[0]
     t_base = sorted(times[base])[len(times[base]) // 2]
-    for n in args.passes:
+    for n in args.eval_passes:
         t = sorted(times[n])[len(times[n]) // 2]
         rel_t, rel_f = t / t_base, forwards[n] / forwards[base]
         rows.append({"N": n, "step_s": t, "forwards": forwards[n], "time_ratio": rel_t,
@@ -136,7 +136,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--window", type=int, default=64)
-    p.add_argument("--passes", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--eval-passes", type=int, nargs="+", default=[1, 2, 4], help="the N to measure at")
     p.add_argument("--repeats", type=int, default=5)
 
 
@@ -149,7 +149,7 @@ def report(args) -> str:
     for r in rows:
         lines.append(f"| {r['N']} | {r['step_s']:.3f} | {r['forwards']} | {r['time_ratio']:.2f} "
                      f"| {r['forward_ratio']:.2f} | {r['overhead']:.3f} |")
-    n_hi = args.passes[-1]
+    n_hi = args.eval_passes[-1]
     lines += ["", f"| checkpointing policy | step time N={n_hi} / policy 'pass' | activations saved, N=1 "
               f"| N={n_hi} | peak step memory N=1 / N={n_hi}, glibc defaults | ratio | peak N=1 / N={n_hi}, "
               "blocks >= 64 KiB mmapped | ratio (goal <= 1.5) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]

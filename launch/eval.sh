@@ -8,12 +8,12 @@
 #SBATCH --open-mode=append
 #SBATCH --output=slurm-%x-%j.out
 # Evaluate a training run's latest checkpoint at several sleep depths N (the experiment's eval
-# section: eval.passes, eval.samples; data from data.val or the task generator's val split).
+# section: eval.eval_passes, eval.samples; data from data.val or the task generator's val split).
 # Writes <run_dir>/eval.json and eval records in <run_dir>/metrics.jsonl.
 #
-#   sbatch launch/eval.sh [CONFIG.yaml] [key=value ...]       # e.g. "eval.passes=[1,2,4,8]"
+#   sbatch launch/eval.sh [CONFIG.yaml] [key=value ...]       # e.g. "eval.eval_passes=[1,2,4,8]"
 #   sbatch --nodes=2 --gpus-per-node=8 launch/eval.sh CONFIG  # as many ranks as you like
-#   bash   launch/eval.sh configs/experiments/rule110-t32.yaml sleep.passes=2 "eval.passes=[1,2,4,8]"
+#   bash   launch/eval.sh configs/experiments/rule110-t32.yaml sleep.passes=2 "eval.eval_passes=[1,2,4,8]"
 #
 # Ranks are started exactly as launch/pretrain.sh starts them (either submission shape, GPUs or
 # MEGASLEEP_CPU_RANKS CPU ranks), so a checkpoint saved by a multi-GPU run is evaluated by a

@@ -24,6 +24,7 @@ import threading
 import time
 from pathlib import Path
 
+from megasleep.renamed_options import refuse_renamed
 from megasleep.train.config import DEFAULT_EXPERIMENT
 
 # The demo task (configs/experiments/tiny-demo.yaml): Rule 110 (docs/tasks.md) scaled down for a CPU — one
@@ -44,7 +45,8 @@ QUICK = dict(train_samples=2_000, val_samples=96, steps=12, batch=16, budget_min
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default="runs/demo", help="output directory (default: runs/demo)")
-    p.add_argument("--passes", default="1,2", help="sleep depths N to train, one model each (default: 1,2)")
+    p.add_argument("--train-passes", default="1,2", help="sleep depths N to train, one model each (default: 1,2)")
+    refuse_renamed(p, "--passes", "--train-passes", "the list of N to train")
     p.add_argument("--eval-passes", default="1,2,4", help="sleep depths N to evaluate every model at")
     p.add_argument("--ranks", type=int, default=None, help="CPU ranks per training run (default: min(2, cores))")
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per run (same for every N)")
@@ -88,6 +90,7 @@ def build_shards(out: Path, n_train: int, n_val: int) -> Path:
 def train_one(n: int, data: Path, out: Path, settings: dict, eval_passes: list[int], ranks: int,
               extra: list[str]) -> dict:
     from megasleep.study.run import run_training
+    from megasleep.train.config import load_experiment
 
     run_dir = out / f"train-N{n}"
     overrides = [
@@ -98,15 +101,15 @@ def train_one(n: int, data: Path, out: Path, settings: dict, eval_passes: list[i
         f"train.micro_batch_size={settings['batch'] // ranks}", f"train.log_every={max(1, settings['steps'] // 50)}",
         *([f"train.time_budget_minutes={settings['budget_minutes']}"] if settings["budget_minutes"] else []),
         "checkpoint.every=0",
-        f"eval.passes=[{','.join(map(str, eval_passes))}]", f"eval.samples={settings['val_samples']}",
+        f"eval.eval_passes=[{','.join(map(str, eval_passes))}]", f"eval.samples={settings['val_samples']}",
         f"eval.batch_size={max(1, settings['val_samples'] // (3 * ranks))}", "logging.tensorboard=true", *extra]
+    config = load_experiment(DEFAULT_EXPERIMENT, overrides)
     # one thread per rank unless told otherwise: more threads than free cores make OpenMP spin-wait
     threads = int(os.environ.get("OMP_NUM_THREADS") or max(1, (os.cpu_count() or 2) // ranks))
     _log(f"training N={n}: {ranks} rank(s), {settings['steps']} steps of {settings['batch']} sequences "
          f"(log: {run_dir / 'train.log'})")
     with _progress(run_dir / "metrics.jsonl", settings["steps"], f"train N={n}"):
-        res = run_training(DEFAULT_EXPERIMENT, overrides, run_dir, ranks=ranks, threads=threads, prefix=f"  [N={n}]",
-                           echo=False)
+        res = run_training(config, run_dir, ranks=ranks, threads=threads, prefix=f"  [N={n}]", echo=False)
     return {"passes": n, **res}
 
 
@@ -195,7 +198,7 @@ def main(args) -> int:
         settings["steps"] = args.steps
     if args.budget_minutes:
         settings["budget_minutes"] = args.budget_minutes
-    passes = [int(x) for x in str(args.passes).split(",") if x]
+    passes = [int(x) for x in str(args.train_passes).split(",") if x]
     eval_passes = [int(x) for x in str(args.eval_passes).split(",") if x]
     ranks = args.ranks or max(1, min(2, os.cpu_count() or 1))
     if settings["batch"] % ranks:

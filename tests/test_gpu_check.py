@@ -15,9 +15,9 @@ import gpu_check  # noqa: E402
 
 def test_parse_args_defaults_and_errors():
     a = gpu_check.parse_args([])
-    assert a.models == ["350m", "1.3b"] and a.passes == [1, 2, 4] and a.device == "cuda"
+    assert a.models == ["350m", "1.3b"] and a.eval_passes == [1, 2, 4] and a.device == "cuda"
     with pytest.raises(SystemExit):
-        gpu_check.parse_args(["--passes", "0"])
+        gpu_check.parse_args(["--eval-passes", "0"])
     with pytest.raises(SystemExit):
         gpu_check.parse_args(["--skip", "everything"])
 
@@ -36,7 +36,7 @@ def test_peak_lookup():
 
 def test_cpu_smoke_run_prints_training_rows():
     r = subprocess.run([sys.executable, "benchmarks/gpu_check.py", "--device", "cpu", "--models", "tiny",
-                        "--seq", "32", "--window", "8", "--steps", "1", "--passes", "1", "2"],
+                        "--seq", "32", "--window", "8", "--steps", "1", "--eval-passes", "1", "2"],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.returncode == 0, r.stderr
     rows = [line for line in r.stdout.splitlines() if line.startswith("| tiny")]

@@ -11,8 +11,9 @@ from pathlib import Path
 import pytest
 
 from megasleep.config import ConfigError
-from megasleep.study.config import StudyConfig, check_runs, load_study, plan
+from megasleep.study.config import StudyConfig, edit, load_base, load_study, plan
 from megasleep.study.report import compare, counts, load_reference, results_of, verdict, wilson, write_report
+from megasleep.train.config import ExperimentConfig, dump_yaml, load_experiment
 from tests.train.helpers import PY, ROOT, env
 
 BASE = dict(name="t", experiment="configs/experiments/tiny-demo.yaml", train_passes=[1, 2], seeds=[0, 1],
@@ -34,16 +35,49 @@ def test_plan_gives_every_n_of_a_seed_the_same_data_and_differs_only_in_depth():
     cfg = StudyConfig(**BASE, random_passes=(1, 4), overrides=["train.steps=5", "optim.warmup_steps=1"])
     runs = plan(cfg)
     assert [r.dirname for r in runs] == ["N1-seed0", "N2-seed0", "N1-seed1", "N2-seed1", "Nrand-seed0"]
+    assert all(isinstance(r.config, ExperimentConfig) for r in runs)
     for seed in (0, 1):
-        same = [r for r in runs if r.seed == seed and not r.random_n]
-        strip = [[o for o in r.overrides if not o.startswith("sleep.passes=")] for r in same]
-        assert all(s == strip[0] for s in strip), "runs of one seed must differ only in sleep.passes"
-        assert all(f"data.task.seed={seed}" in r.overrides and f"train.seed={seed}" in r.overrides for r in same)
+        same = [r.config.resolved() for r in runs if r.seed == seed and not r.random_n]
+        assert [c["sleep"].pop("passes") for c in same] == [1, 2]
+        assert all(c == same[0] for c in same), "runs of one seed must differ only in sleep.passes"
+        assert same[0]["data"]["task"]["seed"] == seed and same[0]["train"]["seed"] == seed
+    assert runs[0].config.train.steps == 5 and runs[0].config.optim.warmup_steps == 1  # the shared overrides
+    assert runs[0].config.eval.eval_passes == [1, 2] and runs[0].config.eval.samples == cfg.eval_samples
     rand = runs[-1]
-    assert "sleep.random_passes=[1,4]" in rand.overrides and rand.label == "N~U[1,4]"
-    loaded = check_runs(cfg, runs, "<test>")
-    assert [c.sleep.passes for c in loaded[:2]] == [1, 2] and loaded[-1].sleep.random_passes == (1, 4)
-    assert loaded[2].data.task.seed == 1 and loaded[2].train.seed == 1
+    assert rand.label == "N~U[1,4]" and rand.config.sleep.random_passes == (1, 4) and rand.config.sleep.passes == 4
+    assert rand.edits["sleep"] == {"passes": 4, "random_passes": (1, 4), "random_seed": 0}
+    assert runs[2].config.data.task.seed == 1 and runs[2].config.train.seed == 1
+
+
+def test_typed_edits_are_validated_and_leave_the_base_untouched():
+    base = load_base(StudyConfig(**BASE))
+    edited = edit(base, {"sleep": {"passes": 3}, "data": {"task": {"seed": 7}}})
+    assert (edited.sleep.passes, edited.data.task.seed) == (3, 7)
+    assert (base.sleep.passes, base.data.task.seed) != (3, 7) and edited.data.task.name == base.data.task.name
+    with pytest.raises(ConfigError, match="SleepConfig has no field 'pases'"):
+        edit(base, {"sleep": {"pases": 3}})
+    cfg = StudyConfig(**{**BASE, "overrides": ["train.steps=3", "optim.warmup_steps=1"]})
+    bad = [r.config for r in plan(cfg, "s.yaml", base=edit(base, {"eval": {"samples": 0}}))]
+    assert all(c.eval.samples == cfg.eval_samples for c in bad)  # the study's own value wins
+    with pytest.raises(ConfigError, match=r"s\.yaml: run N1-seed0: sleep: random_passes=\[3, 1\]"):
+        plan(cfg, "s.yaml", base=edit(base, {"sleep": {"random_passes": (3, 1)}}))
+
+
+def test_a_run_config_written_as_yaml_loads_back_equal(tmp_path):
+    """What a study writes to run_dir/config.yaml and trains from is the config it planned."""
+    cfg = StudyConfig(**BASE, random_passes=(1, 4), overrides=["train.steps=5", "optim.warmup_steps=1"])
+    for run in plan(cfg):
+        path = tmp_path / f"{run.dirname}.yaml"
+        path.write_text(dump_yaml(run.config))
+        loaded = load_experiment(path)
+        assert loaded.model_dump() == run.config.model_dump() and loaded.sleep.random_passes == run.config.sleep.random_passes
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_committed_experiments_round_trip_through_yaml(tmp_path, path: Path):
+    cfg = load_experiment(path)
+    (tmp_path / "c.yaml").write_text(dump_yaml(cfg))
+    assert load_experiment(tmp_path / "c.yaml").model_dump() == cfg.model_dump()
 
 
 def test_bad_study_configs_name_the_file_and_the_problem(tmp_path):
@@ -59,13 +93,13 @@ def test_bad_study_configs_name_the_file_and_the_problem(tmp_path):
     bad.write_text("name: s\nexperiment: configs/experiments/tiny-demo.yaml\ntrain_passes: [1]\nseeds: [0]\n"
                    "eval_passes: [1]\nchance: 0.5\noverrides: [sleep.pases=2]\n")
     cfg = load_study(bad)
-    with pytest.raises(ConfigError, match=r"run N1-seed0.*sleep\.pases"):
-        check_runs(cfg, plan(cfg), str(bad))
+    with pytest.raises(ConfigError, match=r"s\.yaml: .*tiny-demo\.yaml.*sleep\.pases: unknown key"):
+        plan(cfg, str(bad))
     bad.write_text("name: s\nexperiment: configs/experiments/nope.yaml\ntrain_passes: [1]\nseeds: [0]\n"
                    "eval_passes: [1]\nchance: 0.5\n")
     cfg = load_study(bad)
     with pytest.raises(ConfigError, match="nope.yaml does not exist"):
-        check_runs(cfg, plan(cfg), str(bad))
+        plan(cfg, str(bad))
 
 
 def _fake(label, passes, seed, acc_by_d, n_per_d=200, legacy=False):
@@ -148,6 +182,10 @@ def test_small_study_end_to_end_and_reuse_of_finished_runs(tmp_path):
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     results = json.loads((tmp_path / "results" / "summary.json").read_text())["runs"]
     assert [(r["name"], r["steps"]) for r in results] == [("N1-seed0", 3), ("N2-seed0", 3)]
+    for run in plan(load_study(study)):  # each run trained from its planned config, written as YAML
+        trained = load_experiment(tmp_path / "runs" / run.dirname / "config.yaml")
+        assert trained.model_dump() == edit(run.config, {"run_dir": str(tmp_path / "runs" / run.dirname),
+                                                         "checkpoint": {"resume": "never"}}).model_dump()
     for r in results:
         assert set(results_of(r)) == {1, 2} and counts(results_of(r)[1])[1] == 8
         assert r["tokens_seen"] == 3 * 4 * 26  # 3 steps of 4 sequences of 24 bits + query + label
@@ -182,8 +220,7 @@ def test_small_study_end_to_end_and_reuse_of_finished_runs(tmp_path):
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "studies").glob("*.yaml")), ids=lambda p: p.name)
 def test_committed_studies_load(path: Path):
     cfg = load_study(path)
-    runs = plan(cfg)
-    check_runs(cfg, runs, str(path))
+    plan(cfg, str(path))
     assert 1 in cfg.train_passes  # every study compares against the awake-only baseline
     if cfg.name.startswith("rule110"):
         assert len(cfg.seeds) >= 2 and {1, 2, 3, 4} <= set(cfg.train_passes)  # the floor for a Rule 110 depth study

@@ -33,7 +33,7 @@ def test_diagnose_run_writes_json_and_labels(tmp_path, capsys):
     n1, n2 = fake_run(tmp_path, "N1-seed0", 1), fake_run(tmp_path, "N2-seed0", 2)
     diags = diagnose_run(n2, [1, 2], samples=16)
     saved = json.loads((n2 / DIAG_FILE).read_text())
-    assert saved["samples"] == 16 and saved["diagnostics"] == diags
+    assert saved["eval_passes"] == [1, 2] and saved["samples"] == 16 and saved["diagnostics"] == diags
     assert set(diags) == {"N=1", "N=2"} and "diag/pass2/G1/key_share" in diags["N=2"]
     assert "diag/pass2/rms" not in diags["N=1"]
     rows = status_rows({"N2-seed0": (2, diags), "N1-seed0": (1, diagnose_run(n1, [1], samples=16))})
@@ -42,7 +42,7 @@ def test_diagnose_run_writes_json_and_labels(tmp_path, capsys):
     section = "\n".join(diagnostics_section([{"name": "N2-seed0", "passes": 2, "diagnostics": diags},
                                              {"name": "N1-seed0", "passes": 1}]))
     assert "| N2-seed0 | 2 |" in section and "N1-seed0" not in section
-    assert main([str(n1), "--passes", "1", "--samples", "8"]) == 0
+    assert main([str(n1), "--eval-passes", "1", "--samples", "8"]) == 0
     assert "| N1-seed0 | 1 |" in capsys.readouterr().out
 
 

@@ -10,16 +10,15 @@ these functions).
 * :func:`import_gsm_official`: the official GSM-Infinite files into our GSM layout.
 
 Tar members get ``mtime=0`` and fixed owner / mode, and json is written with sorted keys, so the same
-inputs give byte-identical shards (the manifest records every shard's sha256).
+inputs give byte-identical shards (the manifest records every shard's sha256); how a shard is
+written: :mod:`megasleep.data.shard_writer`. Formats: docs/data.md.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
-import sys
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -29,58 +28,20 @@ from megasleep.atomic import atomic_path
 from megasleep.data.errors import DataError
 from megasleep.data.manifest import MANIFEST, shard_record, write_manifest
 from megasleep.data.sample import encode_sample, make_sample
+from megasleep.data.shard_writer import (
+    GZ_PATTERN,
+    SHARD_PATTERN,
+    TAR_KW,
+    CountingShardWriter,
+    GzipFile,
+    chunks,
+    clean_shards,
+    ordered_map,
+    progress_bar,
+    sample_digest,
+    tokenizer_and_totals,
+)
 from megasleep.data.tokenizer import Tokenizer, load_tokenizer
-
-SHARD_PATTERN = "shard-%06d.tar"
-GZ_PATTERN = "shard-%06d.tar.gz"
-# mtime must be an int: a float makes tarfile write a PAX header per member (1 KiB + slow reads)
-TAR_KW = dict(mtime=0, user="megasleep", group="megasleep", mode=0o444, encoder=False)
-
-
-def _tokenizer_and_totals(tok, shard_records: list[dict]) -> dict:
-    """Manifest fields every dataset kind shares: the tokenizer's identity and the summed counts."""
-    return {
-        "tokenizer": {**tok.info(), "path": str(tok.path)},
-        "num_samples": sum(r["samples"] for r in shard_records),
-        "num_tokens": sum(r["tokens"] for r in shard_records),
-        "num_target_tokens": sum(r["targets"] for r in shard_records),
-        "num_samples_without_targets": sum(r["no_target"] for r in shard_records),
-    }
-
-
-def _progress(total: int, desc: str, enabled: bool):
-    from tqdm import tqdm
-
-    return tqdm(total=total, desc=desc, unit="sample", disable=not enabled, file=sys.stderr, dynamic_ncols=True)
-
-
-class _GzipFile:
-    """A gzip stream with a fixed header (mtime 0, no name), so compressed shards are byte-identical
-    across runs (``tarfile``'s own ``w|gz`` stamps the current time). Closing closes the file."""
-
-    def __init__(self, path: str):
-        import gzip
-
-        self.raw = open(path, "wb")
-        self.gz = gzip.GzipFile(filename="", mode="wb", fileobj=self.raw, mtime=0, compresslevel=6)
-
-    def write(self, b):
-        return self.gz.write(b)
-
-    def close(self):
-        self.gz.close()
-        self.raw.close()
-
-
-def _clean(out: Path):
-    """A rebuild must not leave stale shards behind."""
-    for old in [*out.glob("shard-*.tar"), *out.glob("shard-*.tar.gz")]:
-        old.unlink()
-
-
-def _digest(ids: np.ndarray) -> bytes:
-    return hashlib.blake2b(np.ascontiguousarray(ids, dtype=np.int32).tobytes(), digest_size=8).digest()
-
 
 # ------------------------------------------------------------------------------------------------
 # task shards
@@ -107,7 +68,7 @@ def _write_task_shard(job: dict) -> dict:
     digests = []
     diff_counts: dict[int, int] = {}
     with atomic_path(path) as tmp:  # a crash never leaves a torn shard under its final name
-        gz = _GzipFile(str(tmp)) if job.get("compress") else None
+        gz = GzipFile(str(tmp)) if job.get("compress") else None
         with wds.TarWriter(gz if gz is not None else str(tmp), **TAR_KW) as w:
             for i in range(job["start"], job["end"]):
                 s = task.sample(job["seed"], job["split"], i, job["difficulties"], tok, **job["params"])
@@ -119,7 +80,7 @@ def _write_task_shard(job: dict) -> dict:
                 d = int(s["meta"]["difficulty"])
                 diff_counts[d] = diff_counts.get(d, 0) + 1
                 if job["digests"]:
-                    digests.append(_digest(s["input_ids"]))
+                    digests.append(sample_digest(s["input_ids"]))
         if gz is not None:
             gz.close()
     rec = shard_record(path, job["end"] - job["start"], tokens, targets=targets, no_target=no_target)
@@ -156,7 +117,7 @@ def build_task_split(
     diffs = parse_difficulty(difficulties)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _clean(out)
+    clean_shards(out)
     n_shards = max(1, -(-num_samples // shard_size))
     pattern = GZ_PATTERN if compress else SHARD_PATTERN
     jobs = [
@@ -169,7 +130,7 @@ def build_task_split(
     results: list[dict | None] = [None] * len(jobs)
     import webdataset  # noqa: F401  (import once here: forked pool workers inherit it instead of re-importing torch)
 
-    bar = _progress(num_samples, f"{task}/{split}", progress)
+    bar = progress_bar(num_samples, f"{task}/{split}", progress)
     if workers <= 1 or len(jobs) == 1:
         _init_worker(tok.path)
         for k, job in enumerate(jobs):
@@ -200,7 +161,7 @@ def build_task_split(
         "difficulty": {"name": spec.difficulty_name, "values": diffs, "histogram": diff_hist},
         "seed": int(seed),
         "split": split,
-        **_tokenizer_and_totals(tok, shards),
+        **tokenizer_and_totals(tok, shards),
         "shards": shards,
     }
     write_manifest(out, manifest)
@@ -269,79 +230,6 @@ def _tokenize_chunk(args) -> list[list[int]]:
     return tok.encode_batch(texts, add_bos=bos, add_eos=eos)
 
 
-def _chunks(it: Iterable, n: int) -> Iterator[list]:
-    buf = []
-    for x in it:
-        buf.append(x)
-        if len(buf) >= n:
-            yield buf
-            buf = []
-    if buf:
-        yield buf
-
-
-def _ordered_map(pool, fn, jobs: Iterable[tuple], window: int) -> Iterator[tuple]:
-    """``(fn(arg), tag)`` for ``(arg, tag)`` in ``jobs``, in order, with at most ``window`` in flight
-    (``Executor.map`` would submit the whole corpus at once)."""
-    from collections import deque
-
-    inflight: deque = deque()
-    for arg, tag in jobs:
-        inflight.append((pool.submit(fn, arg), tag))
-        if len(inflight) >= window:
-            f, t = inflight.popleft()
-            yield f.result(), t
-    while inflight:
-        f, t = inflight.popleft()
-        yield f.result(), t
-
-
-class _Writer:
-    """ShardWriter plus per-shard sample / token counts for the manifest."""
-
-    def __init__(self, out: Path, shard_size: int, compress: bool = False):
-        import webdataset as wds
-
-        self.out = out
-        self.records: list[dict] = []
-        self._count = self._tokens = self._targets = self._no_target = 0
-        self._gz: dict[str, _GzipFile] = {}
-
-        def opener(fname: str):
-            self._gz[fname] = _GzipFile(fname)
-            return self._gz[fname]
-
-        def post(fname: str):  # ShardWriter closed the tar stream; close the gzip stream under it
-            gz = self._gz.pop(fname, None)
-            if gz is not None:
-                gz.close()
-            self._finish(fname)
-
-        pattern = GZ_PATTERN if compress else SHARD_PATTERN
-        self.sw = wds.ShardWriter(str(out / pattern), maxcount=shard_size, verbose=0, post=post,
-                                  opener=opener if compress else None, **TAR_KW)
-
-    def _finish(self, fname: str):
-        if self._count:
-            self.records.append(shard_record(fname, self._count, self._tokens, targets=self._targets,
-                                             no_target=self._no_target))
-        else:
-            Path(fname).unlink(missing_ok=True)
-        self._count = self._tokens = self._targets = self._no_target = 0
-
-    def write(self, sample: dict, key: str):
-        self.sw.write(encode_sample(sample, key))  # may close the previous shard (post) first
-        self._count += 1
-        self._tokens += int(sample["input_ids"].size)
-        n_targets = int(sample["loss_mask"].sum())
-        self._targets += n_targets
-        self._no_target += n_targets == 0
-
-    def close(self) -> list[dict]:
-        self.sw.close()
-        return self.records
-
-
 def _text_sample(ids: list[int], starts: list[int], docs: list, bos_id: int) -> dict:
     arr = np.asarray(ids, dtype=np.int32)
     mask = np.ones(arr.size, dtype=np.uint8)
@@ -393,7 +281,7 @@ def build_text_dataset(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     scan = scan_corpus(inputs)
-    _clean(out)
+    clean_shards(out)
     stats = stats if stats is not None else {}
     docs_iter = iter_documents(scan, text_field=text_field, txt_mode=txt_mode, stats=stats)
     if select is not None:
@@ -406,14 +294,14 @@ def build_text_dataset(
     kept = {"documents": 0, "bytes": 0}  # what reaches the shards (``stats`` counts all that was read)
 
     def doc_chunks():
-        for chunk in _chunks(docs_iter, 256):
+        for chunk in chunks(docs_iter, 256):
             kept["documents"] += len(chunk)
             kept["bytes"] += sum(len(d.text.encode("utf-8")) for d in chunk)
             yield [d.text for d in chunk], [[Path(d.source).name, d.index] for d in chunk]
 
-    writer = _Writer(out, shard_size, compress)
+    writer = CountingShardWriter(out, shard_size, compress)
     n_seq = 0
-    bar = _progress(0, f"{name} sequences", progress)
+    bar = progress_bar(0, f"{name} sequences", progress)
     buf: list[int] = []
     buf_starts: list[int] = []
     buf_docs: list = []
@@ -455,7 +343,7 @@ def build_text_dataset(
         else:
             with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(tok.path,)) as pool:
                 jobs = (((texts, True, True), refs) for texts, refs in doc_chunks())
-                for token_lists, refs in _ordered_map(pool, _tokenize_chunk, jobs, window=4 * workers):
+                for token_lists, refs in ordered_map(pool, _tokenize_chunk, jobs, window=4 * workers):
                     consume(token_lists, refs)
         if buf:
             emit(buf, buf_starts, buf_docs)
@@ -480,7 +368,7 @@ def build_text_dataset(
         "documents": kept["documents"],
         "document_bytes": kept["bytes"],
         "skipped_documents": stats.get("skipped", 0),
-        **_tokenizer_and_totals(tok, records),
+        **tokenizer_and_totals(tok, records),
         "shards": records,
     }
     write_manifest(out, manifest)
@@ -509,11 +397,11 @@ def import_gsm_official(
     tok = load_tokenizer(tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _clean(out)
+    clean_shards(out)
     paths = expand_paths(files)
     stats: dict = {}
-    writer = _Writer(out, shard_size, compress)
-    bar = _progress(0, "gsm-infinite rows", progress)
+    writer = CountingShardWriter(out, shard_size, compress)
+    bar = progress_bar(0, "gsm-infinite rows", progress)
     hist: dict[str, int] = {}
     n = 0
     try:
@@ -543,7 +431,7 @@ def import_gsm_official(
         "sources": [{"path": p, "bytes": Path(p).stat().st_size} for p in paths],
         "rows": rows,
         "skipped_rows": skipped,
-        **_tokenizer_and_totals(tok, records),
+        **tokenizer_and_totals(tok, records),
         "shards": records,
     }
     write_manifest(out, manifest)

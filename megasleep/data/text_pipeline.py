@@ -49,7 +49,7 @@ def experiment_config(out: Path, vocab_size: int, seq_len: int, window: int, pas
                   "log_every": max(1, steps // 20)},
         "checkpoint": {"every": max(1, steps // 2), "keep_last": 2},
         "deepspeed": {"config": "configs/deepspeed/zero1.json"},
-        "eval": {"passes": sorted({1, passes}), "samples": 8, "batch_size": batch_size},
+        "eval": {"eval_passes": sorted({1, passes}), "samples": 8, "batch_size": batch_size},
     }
 
 

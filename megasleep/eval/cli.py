@@ -2,7 +2,7 @@
 `megasleep eval lm-eval ARGS...` (lm-evaluation-harness with the `megasleep` model registered).
 
     megasleep eval --checkpoint DIR (--data SHARDS | --task rule110|depo|gsm [--difficulty 1-16])
-                   --sleep-passes 1,2,4,8 [--window L] [--eviction hard|sliding] [--max-examples K]
+                   --eval-passes 1,2,4,8 [--window L] [--eviction hard|sliding] [--max-examples K]
                    [--adaptive-tol X] [--out RESULTS_DIR]
 
 With ``--task`` and a checkpoint that records the task it was trained on (``config.json`` ->
@@ -19,6 +19,8 @@ import datetime as _dt
 import sys
 import tempfile
 from pathlib import Path
+
+from megasleep.renamed_options import refuse_renamed
 
 
 def _int_list(text: str) -> list[int]:
@@ -52,8 +54,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="--task: generator parameter (repeatable), e.g. length_min=500")
     p.add_argument("--seed", type=int, default=0, help="generator seed (--task) and bootstrap seed")
     p.add_argument("--split", default="test", help="--task: generator split name (default test)")
-    p.add_argument("--sleep-passes", type=_int_list, default=None, metavar="N1,N2,...",
-                   help="sleep depths to evaluate (default: 1 and the checkpoint's training N)")
+    p.add_argument("--eval-passes", type=_int_list, default=None, metavar="N1,N2,...",
+                   help="sleep depths N to evaluate at (default: 1 and the checkpoint's training N)")
+    refuse_renamed(p, "--sleep-passes", "--eval-passes", "the list of N to evaluate at")
     p.add_argument("--window", type=int, default=None,
                    help="window L (default: the checkpoint's training window, else the task's)")
     p.add_argument("--eviction", choices=["hard", "sliding"], default=None,
@@ -145,6 +148,7 @@ def run(args) -> Path:
     from megasleep.eval.harness import EvalSettings, evaluate
     from megasleep.eval.report import write_results
     from megasleep.eval.scoring import chance_level
+    from megasleep.inference.checkpoint import trained_forward_switches
 
     if not args.checkpoint:
         raise ValueError("--checkpoint is required (an exported model directory)")
@@ -207,12 +211,13 @@ def run(args) -> Path:
         if not window:
             raise ValueError("--window is required (the checkpoint records no training window and the data is "
                              "not a known task)")
-        passes = args.sleep_passes or sorted({1, int(ck_sleep.get("passes") or 1)})
-        settings = EvalSettings(passes=passes, window=int(window), eviction=args.eviction or ck_sleep.get("eviction")
+        passes = args.eval_passes or sorted({1, int(ck_sleep.get("passes") or 1)})
+        settings = EvalSettings(eval_passes=passes, window=int(window), eviction=args.eviction or ck_sleep.get("eviction")
                                 or "hard", adaptive_tol=args.adaptive_tol, batch_size=args.batch_size,
                                 bootstrap=args.bootstrap, seed=args.seed, scoring=args.scoring,
                                 max_new_tokens=args.max_new_tokens, progress=not args.no_progress,
-                                diagnostics_samples=max(0, args.diagnostics_samples))
+                                diagnostics_samples=max(0, args.diagnostics_samples),
+                                **trained_forward_switches(ck_sleep))
         results, records = evaluate(model, data, settings, tokenizer)
 
     import megasleep
@@ -229,7 +234,8 @@ def run(args) -> Path:
         "checkpoint": {**info, "parameters": model.num_parameters()},
         "data": {"kind": data.kind, "task": data.task, "difficulty_name": data.difficulty_name, **data.info},
         "tokenizer": {"checkpoint": ck_tok_hash, "data": data.tokenizer_hash, "used": used_hash},
-        "settings": {"sleep_passes": passes, "window": settings.window, "eviction": settings.eviction,
+        "settings": {"eval_passes": passes, "window": settings.window, "eviction": settings.eviction,
+                     **trained_forward_switches(ck_sleep),
                      "adaptive_tol": settings.adaptive_tol, "batch_size": settings.batch_size,
                      "bootstrap": settings.bootstrap, "seed": settings.seed, "scoring": settings.scoring,
                      "max_new_tokens": settings.max_new_tokens, "max_examples": args.max_examples,

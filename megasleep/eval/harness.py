@@ -1,24 +1,17 @@
 """The one scorer: a model, samples, several sleep depths N, through the training forward.
 
-Used by ``megasleep eval``, by the trainer (:mod:`megasleep.train.validate`), and read back by
-studies, the demo and ``megasleep eval compare``: one results schema (see :mod:`megasleep.eval.report`).
-
-* :func:`score_batch` runs :class:`CollectingRunner` (the training sleep loop that also keeps, per
-  window, the greedy prediction and the CE at every target position: the answer positions are scored
-  from those, and logits never exist for more than one window at a time) and appends one record per
-  sample, holding one outcome per scored *unit* (a Rule-110 sample's 4 labels are one unit; each Depo
-  query's 2 answer tokens are one; a GSM integer is one) to a :class:`Tally`.
-* :meth:`Tally.reduce` is the one rank reduction (all ranks' records and window sums).
-* :func:`summarize` turns a tally into the result of one N: accuracy = correct units / units, with a
-  Wilson interval (units independent) and a sample-level bootstrap interval (a sample's units
-  resampled together) side by side, answer loss, loss per window, GSM AUC.
-* :func:`batch_diagnostics` adds the collapse diagnostics of that N (:mod:`megasleep.sleep.diagnostics`)
-  measured on some of the same samples, under ``diagnostics`` / ``collapse_status`` of the result.
-
-Teacher-forced exact match of all of a unit's tokens equals greedy decoding of that unit (each token
-is predicted from a correct prefix until the first mistake, which makes the unit wrong either way).
-GSM answers are *generated* greedily and scored with GSM-Infinite's extraction
-(:mod:`megasleep.eval.scoring`).
+What: :func:`score_batch` runs :class:`CollectingRunner` (the training sleep loop that keeps, per
+window, only the greedy prediction and CE at target positions: never more than one window of logits)
+and records one outcome per scored *unit* (a Rule-110 sample's labels are one unit, each Depo query
+one, a GSM integer one) in a :class:`Tally`; :meth:`Tally.reduce` is the one rank reduction;
+:func:`summarize` makes the result of one N (accuracy = correct units / units with Wilson and
+sample-bootstrap intervals side by side, answer loss, loss per window, GSM AUC);
+:func:`batch_diagnostics` adds the collapse diagnostics.
+Contract: ``megasleep eval``, the trainer (:mod:`megasleep.train.validate`), studies, the demo and
+``eval compare`` all read this one results schema (:mod:`megasleep.eval.report`).
+Why teacher forcing: exact match of all of a unit's tokens equals greedy decoding of the unit (every
+token is predicted from a correct prefix until the first mistake); GSM answers are generated and
+scored with GSM-Infinite's extraction (:mod:`megasleep.eval.scoring`). Doc: docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -93,7 +86,7 @@ def direct_forward(model, autocast_dtype: torch.dtype | None = None) -> Forward:
 
 @dataclass
 class EvalSettings:
-    passes: list[int]
+    eval_passes: list[int]             # the N to evaluate at
     window: int
     eviction: str = "hard"
     adaptive_tol: float | None = None
@@ -104,10 +97,12 @@ class EvalSettings:
     max_new_tokens: int | None = None  # GSM generation budget (None: the answer's token count)
     progress: bool = True
     diagnostics_samples: int = 0       # collapse diagnostics per N on this many samples, evenly spread (0: none)
+    reinject: bool = False             # the sleep switches the model was trained with that change its forward
+    feedback_norm: bool = False
 
     def sleep_config(self, passes: int) -> SleepConfig:
-        return SleepConfig(window=self.window, passes=passes, eviction=self.eviction,
-                           adaptive_tol=self.adaptive_tol, checkpoint=False)
+        return SleepConfig(window=self.window, passes=passes, eviction=self.eviction, adaptive_tol=self.adaptive_tol,
+                           reinject=self.reinject, feedback_norm=self.feedback_norm, checkpoint=False)
 
 
 @dataclass
@@ -392,10 +387,10 @@ def _diff_key(d):
 
 
 def evaluate(model, data: EvalData, settings: EvalSettings, tokenizer=None) -> tuple[list[dict], list[dict]]:
-    """All N in ``settings.passes``: (results per N, per-sample records)."""
+    """All N in ``settings.eval_passes``: (results per N, per-sample records)."""
     model.eval()
     results, records = [], []
-    for n in settings.passes:
+    for n in settings.eval_passes:
         res, recs = evaluate_passes(model, data, settings, n, tokenizer)
         results.append(res)
         for r in recs:

@@ -1,7 +1,7 @@
 """lm-evaluation-harness model ``megasleep``: a sleeping HybridLM behind lm_eval's LM API.
 
     python -m megasleep.eval.lm_eval_cli --model megasleep \\
-        --model_args pretrained=DIR,sleep_passes=4,window=2048,eviction=hard --tasks ...
+        --model_args pretrained=DIR,passes=4,window=2048,eviction=hard --tasks ...
 
 (``megasleep eval lm-eval ...`` is the same.) lm_eval 0.4.13 discovers models only through its own
 registry (``lm_eval.models.MODEL_MAPPING`` plus ``@register_model`` at import time; it does not scan
@@ -9,11 +9,12 @@ entry points), so the wrapper imports this module (which registers the class) an
 own command line unchanged. In Python: ``import megasleep.eval.lm_eval_adapter`` then
 ``lm_eval.simple_evaluate(model="megasleep", model_args=...)``.
 
-model_args: ``pretrained`` (exported dir or mamba_ssm dir), ``sleep_passes`` (N, default: the
+model_args: ``pretrained`` (exported dir or mamba_ssm dir), ``passes`` (N, default: the
 checkpoint's training N, else 1), ``window`` (L, default: the checkpoint's, else 2048), ``eviction``
 (hard | sliding), ``adaptive_tol``, ``tokenizer`` (default: the checkpoint's tokenizer.model),
 ``dtype``, ``device``, ``batch_size``, ``max_gen_toks`` (256), ``add_bos_token`` (true). Any other
-key is an error that names it (a typo such as ``sleep_pass=4`` must not silently run at another N);
+key is an error that names it (a typo such as ``passe=4`` must not silently run at another N; the old
+``sleep_passes`` is answered with its new name);
 ``device=cuda...`` on a machine without CUDA is an error too (the wrapper passes ``--device cpu``
 there when no device is given, so that the results JSON records the device really used).
 
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 @register_model("megasleep")
 class MegasleepLM(TemplateLM):
-    def __init__(self, pretrained: str, sleep_passes: int | None = None, window: int | None = None,
+    def __init__(self, pretrained: str, passes: int | None = None, window: int | None = None,
                  eviction: str | None = None, adaptive_tol: float | None = None, tokenizer: str | None = None,
                  dtype: str = "float32", device: str | None = None, batch_size: int | str | None = 1,
                  max_batch_size: int | None = None, max_gen_toks: int = 256, add_bos_token: bool = True,
@@ -50,6 +51,7 @@ class MegasleepLM(TemplateLM):
         from megasleep.checkpoint.released import tokenizer_path
         from megasleep.data.tokenizer import load_tokenizer
         from megasleep.eval.harness import CollectingRunner
+        from megasleep.inference.checkpoint import trained_forward_switches
         from megasleep.sleep.config import SleepConfig
 
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
@@ -68,9 +70,9 @@ class MegasleepLM(TemplateLM):
             raise ValueError(f"tokenizer {tok} has {self.tok.vocab_size} pieces but the model only "
                              f"{self.model.config.vocab_size} embeddings")
         self.sleep = SleepConfig(window=int(window or trained.get("window") or 2048),
-                                 passes=int(sleep_passes or trained.get("passes") or 1),
+                                 passes=int(passes or trained.get("passes") or 1),
                                  eviction=eviction or trained.get("eviction") or "hard",
-                                 adaptive_tol=adaptive_tol, checkpoint=False)
+                                 adaptive_tol=adaptive_tol, checkpoint=False, **trained_forward_switches(trained))
         self.runner = CollectingRunner(self.model, self.sleep)
         bs = str(batch_size if batch_size is not None else 1)
         self.batch_size = 1 if bs.startswith("auto") else max(1, int(bs))  # "auto" is not supported: 1
@@ -204,13 +206,18 @@ class MegasleepLM(TemplateLM):
         return results
 
 
+# model_args renamed: the old key is an error naming the new one (an int N is `passes` everywhere)
+RENAMED = {"sleep_passes": "passes"}
+
+
 def unknown_args_message(unknown: list[str]) -> str:
     """One line naming the unknown model_args, with the closest known name of each."""
     known = [k for k in inspect.signature(MegasleepLM.__init__).parameters if k not in ("self", "kwargs")]
     parts = []
     for k in unknown:
         close = difflib.get_close_matches(k, known, n=1)
-        parts.append(f"{k!r}" + (f" (did you mean {close[0]!r}?)" if close else ""))
+        hint = f" (renamed {RENAMED[k]!r})" if k in RENAMED else f" (did you mean {close[0]!r}?)" if close else ""
+        parts.append(f"{k!r}{hint}")
     return (f"megasleep lm_eval model: unknown model_args {', '.join(parts)}; known: {', '.join(known)}")
 
 

@@ -1,7 +1,7 @@
 """lm-evaluation-harness's command line with the ``megasleep`` model registered.
 
     python -m megasleep.eval.lm_eval_cli --model megasleep \\
-        --model_args pretrained=DIR,sleep_passes=4,window=2048,eviction=hard --tasks hellaswag
+        --model_args pretrained=DIR,passes=4,window=2048,eviction=hard --tasks hellaswag
 
 Every argument is lm_eval's own (``run`` / ``ls`` / ``validate`` subcommands and the legacy form
 without one). lm_eval 0.4.13 finds models only in its registry and does not load plugins through

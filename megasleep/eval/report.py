@@ -1,21 +1,11 @@
 """Results directory: results.json, buckets.csv, windows.csv, samples.jsonl and PNG plots; and the
 side-by-side comparison of several results (``megasleep eval compare``).
 
-results.json (format "megasleep-eval", version 1)::
-
-    {"format", "format_version", "created", "megasleep_version", "command",
-     "checkpoint": {path, format, config, tokenizer, sleep, source, ...},
-     "data": {kind, task, difficulty_name, source, spec / generator, n_examples, manifest_path, manifest},
-     "tokenizer": {"checkpoint": hash, "data": hash, "used": hash},
-     "settings": {sleep_passes, window, eviction, adaptive_tol, batch_size, bootstrap, seed, scoring,
-                  max_new_tokens, max_examples, device, dtype},
-     "results": [{passes, n_examples, loss, ppl, tokens, seconds, forwards, scoring,
-                  overall: {correct, n_units, n_samples, accuracy, ci_low, ci_high (bootstrap),
-                            wilson_low, wilson_high, answer_loss, ...} | null,
-                  buckets: [{difficulty, <the same fields>}],
-                  windows: [{window, tokens, loss, ppl, mean_passes_used}],
-                  adaptive: {...} | null, gsm: {auc, ops} | null}],
-     "files": {...}}
+What: :func:`write_results` writes one evaluation (format ``megasleep-eval``, version 1: provenance of
+checkpoint, data and tokenizer, every setting, then one result per N in the schema of
+:func:`megasleep.eval.harness.summarize`); the compare functions read any number of them back.
+Contract: every reader (studies, ``eval compare``, the demo) reads this one schema; the files are
+written atomically. Field by field: docs/evaluation.md (section 1, the results table).
 """
 
 from __future__ import annotations

@@ -30,6 +30,18 @@ def load_model(path: str | Path, device=None, dtype: torch.dtype | None = None):
     return load_pretrained(path, device=device, dtype=dtype).eval()
 
 
+# the SleepConfig switches that change the forward pass itself (not only training): a model trained with
+# them computes something else without them, so evaluation and generation take them from the checkpoint
+FORWARD_SWITCHES = ("reinject", "feedback_norm")
+
+
+def trained_forward_switches(sleep: dict | None) -> dict[str, bool]:
+    """``{"reinject": ..., "feedback_norm": ...}`` as recorded in a checkpoint's ``sleep`` settings
+    (False where not recorded: the paper's method)."""
+    sleep = sleep if isinstance(sleep, dict) else {}
+    return {k: bool(sleep.get(k, False)) for k in FORWARD_SWITCHES}
+
+
 def default_tokenizer_path(path: str | Path) -> Path | None:
     return tokenizer_path(path)
 

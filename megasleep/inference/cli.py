@@ -1,6 +1,6 @@
 """``megasleep generate``: stream tokens from a checkpoint with wake/sleep decoding.
 
-    megasleep generate --checkpoint DIR --prompt "text" --sleep-passes 3 --window 512 --eviction hard
+    megasleep generate --checkpoint DIR --prompt "text" --passes 3 --window 512 --eviction hard
 
 Tokens are printed as they come; at the end (on stderr) how many sleeps ran, the passes used per
 window, tokens/s awake (decode time with sleep time taken out) and peak memory.
@@ -12,6 +12,8 @@ import argparse
 import sys
 import time
 from pathlib import Path
+
+from megasleep.renamed_options import refuse_renamed
 
 DTYPES = {"float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
           "float16": "float16", "fp16": "float16", "float64": "float64", "fp64": "float64"}
@@ -25,8 +27,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src.add_argument("--prompt-file", metavar="F", help="file whose whole text is the prompt")
     src.add_argument("--prompt-ids", metavar="IDS", help="raw token ids, comma or space separated")
     p.add_argument("--tokenizer", metavar="PATH", help="sentencepiece .model (default: DIR/tokenizer.model)")
-    p.add_argument("--sleep-passes", "-N", type=int, default=None,
+    p.add_argument("--passes", "-N", type=int, default=None,
                    help="N: passes per window (1 = no sleep; default: config.json 'sleep', else 1)")
+    refuse_renamed(p, "--sleep-passes", "--passes", "one N: the passes per window")
     p.add_argument("--window", "-L", type=int, default=None,
                    help="L: window size in tokens (default: config.json 'sleep.window')")
     p.add_argument("--eviction", choices=["hard", "sliding"], default=None, help="default: config.json, else hard")
@@ -77,17 +80,19 @@ def main(args: argparse.Namespace) -> int:
         default_tokenizer_path,
         load_model,
         read_checkpoint_config,
+        trained_forward_switches,
     )
     from megasleep.inference.generate import generate_stream
+    from megasleep.sleep import SleepConfig
 
     ckpt = Path(args.checkpoint)
     raw = read_checkpoint_config(ckpt)
     saved = raw.get("sleep") if isinstance(raw.get("sleep"), dict) else {}
-    passes = args.sleep_passes if args.sleep_passes is not None else saved.get("passes", 1)
+    passes = args.passes if args.passes is not None else saved.get("passes", 1)
     window = args.window if args.window is not None else saved.get("window")
     eviction = args.eviction or saved.get("eviction", "hard")
     if passes < 1:
-        raise ValueError(f"--sleep-passes must be >= 1 (1 = no sleep), got {passes}")
+        raise ValueError(f"--passes must be >= 1 (1 = no sleep), got {passes}")
     if window is None:
         raise ValueError(f"give --window L (no 'sleep.window' in {ckpt / 'config.json'})")
     if window < 1:
@@ -120,8 +125,9 @@ def main(args: argparse.Namespace) -> int:
     if str(device).startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
 
-    stream = generate_stream(model, [ids], args.max_new_tokens, window=window, passes=passes, eviction=eviction,
-                             adaptive_tol=args.adaptive_tol, temperature=args.temperature, top_k=args.top_k,
+    sleep = SleepConfig(window=window, passes=passes, eviction=eviction, adaptive_tol=args.adaptive_tol,
+                        checkpoint=False, **trained_forward_switches(saved))
+    stream = generate_stream(model, [ids], args.max_new_tokens, sleep=sleep, temperature=args.temperature, top_k=args.top_k,
                              top_p=args.top_p, eos_id=eos, seed=args.seed, device=device, backend=args.kernels)
     out = sys.stdout
     t0 = time.perf_counter()

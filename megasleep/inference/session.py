@@ -1,25 +1,17 @@
-"""Streaming wake/sleep session (docs/inference.md): token-by-token wake decoding, sleep whenever a
-window fills, memory bounded by one window whatever the number of tokens seen.
+"""Streaming wake/sleep session: token-by-token wake decoding, sleep whenever a window fills, memory
+bounded by one window whatever the number of tokens seen.
 
-A :class:`Session` serves one batch of sequences that advance together (same absolute positions, so
-the same window boundaries). It holds, and nothing else that depends on the tokens:
-
-* per layer the :class:`~megasleep.models.cache.LayerCache` — SSM fast weights ``S`` and short-conv
-  state (fixed size), attention keys/values of at most the last ``L-1`` positions (the attention layer
-  trims its cache to ``L-1`` after every call; emptied at a hard window boundary);
-* for the current window, what sleep needs: the core blocks' wake-pass output features
-  ``[B, L, d]`` (a preallocated buffer filled as tokens arrive) and the core layers' short-term
-  memory (conv + KV) as the window started. Both are kept only when ``N > 1``.
-
-``feed`` (alias ``prefill``) runs any number of tokens chunk-parallel, cut at window boundaries;
-``step`` runs one token (the mixers take their recurrent single-token path: ``ssd_step``,
-``gdn_step``, ``causal_conv1d_step``, which dispatch to mamba_ssm / FLA / causal_conv1d kernels on
-CUDA). Whenever the window fills, the session sleeps at once — passes 2..N over the window's core
-features via :meth:`megasleep.sleep.SleepRunner.sleep` (the one implementation of the sleep passes)
-— then restores the wake pass's short-term memory and evicts, exactly as the chunked
-:func:`megasleep.sleep.sleep_forward` does between two windows. The logits are therefore those of
-the chunked forward over the same tokens, whatever mix of ``feed`` and ``step`` produced them (the
-chunked forward skips sleep after the *last* window, which changes no logit).
+What: a :class:`Session` serves a batch of sequences that advance together (same window boundaries);
+it holds per layer the :class:`~megasleep.models.cache.LayerCache` (fast weights ``S``, conv state,
+at most ``L-1`` keys/values) and, for the current window and only when ``N > 1``, the core's wake-pass
+features ``[B, L, d]``, the core's short-term memory as the window started and (with ``reinject`` /
+``feedback_norm``) the window's core input. ``feed`` / ``prefill`` run tokens chunk-parallel, ``step``
+one token on the mixers' recurrent path; a filled window sleeps at once through
+:meth:`megasleep.sleep.SleepRunner.end_window`, then evicts.
+Contract: the logits equal those of :func:`megasleep.sleep.sleep_forward` over the same tokens, whatever
+mix of ``feed`` and ``step`` produced them (tests/inference/test_parity.py).
+Why one sleep implementation: the session calls the training loop's, so it cannot drift from it.
+Doc: docs/inference.md.
 """
 
 from __future__ import annotations
@@ -138,6 +130,11 @@ class Session:
         self._feats: Tensor | None = None
         if self._sleeps:
             self._feats = torch.zeros(batch, cfg.window, model.config.d_model, device=self.device, dtype=self.dtype)
+        # the window's core input (the prelude's output, what entered the core on the wake pass): the sleep
+        # remedies reinject / feedback_norm feed it into every sleep pass, so it is kept only for them
+        self._core_in: Tensor | None = None
+        if self._sleeps and (cfg.reinject or cfg.feedback_norm):
+            self._core_in = torch.zeros_like(self._feats)
 
     # ---- public API -----------------------------------------------------------------------------
     @property
@@ -197,14 +194,16 @@ class Session:
             self._start_short = [sel(c) for c in self._start_short]
         if self._feats is not None:
             self._feats = self._feats[idx].contiguous()
+        if self._core_in is not None:
+            self._core_in = self._core_in[idx].contiguous()
         self.batch = len(idx)
         return self
 
     def state_dict(self) -> dict:
         """Everything the session holds, as plain containers of tensors (``torch.save``-able; no weights).
 
-        A snapshot: the sleep-feature buffer, the one tensor the session writes in place, is copied, so
-        the dict does not change when the session runs on (the other tensors are replaced, never written).
+        A snapshot: the sleep-feature and core-input buffers, the tensors the session writes in place, are
+        copied, so the dict does not change when the session runs on (the others are replaced, never written).
         """
 
         def cache(c: LayerCache) -> dict:
@@ -215,7 +214,8 @@ class Session:
                 "sleep_log": [(r.window, r.passes_used, r.seconds) for r in self.sleep_log], "caches": [cache(c) for c in self.caches],
                 "conv0": list(self._conv0),
                 "start_short": None if self._start_short is None else [cache(c) for c in self._start_short],
-                "feats": None if self._feats is None else self._feats.clone()}
+                "feats": None if self._feats is None else self._feats.clone(),
+                "core_in": None if self._core_in is None else self._core_in.clone()}
 
     def load_state_dict(self, sd: dict) -> Session:
         """Restore a :meth:`state_dict` of a session with the same window, passes and eviction."""
@@ -223,6 +223,10 @@ class Session:
         if (sd["window"], sd["passes"], sd["eviction"]) != mine:
             raise ValueError(f"state is for (L, N, eviction) = {(sd['window'], sd['passes'], sd['eviction'])}, "
                              f"this session is {mine}")
+        core_in = sd.get("core_in")  # absent in states saved before the sleep remedies were streamed
+        if (core_in is None) != (self._core_in is None):
+            raise ValueError("state and session differ in sleep.reinject / sleep.feedback_norm (whether the "
+                             "window's core input is kept)")
         dev = self.device
 
         def to(t):
@@ -241,6 +245,7 @@ class Session:
         # a copy: the buffer is written in place while a window fills, so sharing it with ``sd`` would let
         # two sessions restored from one state corrupt each other's sleep at the next window end
         self._feats = None if sd["feats"] is None else sd["feats"].to(dev, copy=True)
+        self._core_in = None if core_in is None else core_in.to(dev, copy=True)
         return self
 
     def fork(self) -> Session:
@@ -279,6 +284,8 @@ class Session:
                 add_cache(f"window_start.layer{i}", c)
         if self._feats is not None:
             out["window_features"] = self._feats
+        if self._core_in is not None:
+            out["window_core_input"] = self._core_in
         return out
 
     def state_bytes(self) -> int:
@@ -309,6 +316,8 @@ class Session:
         ctx = self._ctx(self.position, self.position + n)
         h = model.embed(ids)
         h, caches = model.run_blocks(model.prelude_idx, h, self.caches, ctx)
+        if self._core_in is not None:
+            self._core_in[:, off:off + n] = h
         h, caches = model.run_blocks(model.core_idx, h, caches, ctx)
         if self._sleeps:
             self._feats[:, off:off + n] = h
@@ -331,7 +340,7 @@ class Session:
         if self._sleeps:
             ctx = self._ctx(self.position - self.window, self.position)
             self.caches, used = self.runner.end_window(self._feats, self.caches, ctx, self._start_short,
-                                                       self.passes)
+                                                       self.passes, self._core_in)
             self._start_short = None
         caches = [_compact(c) for c in self.runner.evict(self.caches)]
         for i, c in enumerate(caches):

@@ -52,7 +52,7 @@ def hardware() -> str:
 
 
 def main(args) -> int:
-    from megasleep.study.config import check_runs, load_study, plan
+    from megasleep.study.config import load_study, plan
     from megasleep.study.report import compare, load_reference, write_report
     from megasleep.study.run import run_study
 
@@ -60,14 +60,13 @@ def main(args) -> int:
     cfg = load_study(args.config, args.overrides)
     # read the reference first: by default the study rewrites the very file it may be compared against
     reference = None if args.compare is None else load_reference(args.compare)
-    runs = plan(cfg)
+    runs = plan(cfg, args.config)  # every run's config, validated before anything trains
     if args.only:
         unknown = sorted(set(args.only) - {r.dirname for r in runs})
         if unknown:
             raise ConfigError(f"{args.config}: --only {' '.join(unknown)}: no such run (the study has "
                               f"{', '.join(r.dirname for r in runs)})")
         runs = [r for r in runs if r.dirname in args.only]
-    check_runs(cfg, runs, args.config)
     if args.report_only:
         results = []
         for spec in runs:

@@ -1,19 +1,25 @@
 """A study (``configs/studies/*.yaml``): one base experiment trained once per (sleep depth N, seed).
 
-Every run of a study is the real trainer (``megasleep train``) on the base experiment plus the study's
-shared overrides plus its own ``sleep.passes`` and seed. The seed sets both ``train.seed`` (init, and
-the random-N draw) and ``data.task.seed`` (the sample stream), so for one seed every N sees exactly the
-same tokens in the same order: the runs differ only in how deeply they sleep.
+Every run of a study is the real trainer (``megasleep train``) on its own typed experiment config: the
+base experiment with the study's shared overrides (dotted strings, the YAML/CLI format, validated
+once), then the run's own edits of typed values (``sleep.passes``, the seeds, the evaluation),
+re-validated as a whole; the run trains from that config written to ``run_dir/config.yaml``. The seed
+sets both ``train.seed`` (init, and the random-N draw) and ``data.task.seed`` (the sample stream), so
+for one seed every N sees exactly the same tokens in the same order: the runs differ only in how
+deeply they sleep.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any, TypeVar
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from megasleep.config import ConfigError, StrictModel, load_config
-from megasleep.train.config import REPO_ROOT, ExperimentConfig, load_experiment
+from megasleep.train.config import REPO_ROOT, ExperimentConfig, experiment_from_dict, load_experiment
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class StudyConfig(StrictModel):
@@ -62,49 +68,71 @@ class StudyConfig(StrictModel):
 
 
 class RunSpec(StrictModel):
-    """One training run of a study."""
+    """One training run of a study: its typed experiment config and what identifies it in the tables."""
 
     label: str  # "N=2" or "N~U[1,4]"
     passes: int  # the N it trains at; for the random-N model the largest N it draws
     random_n: bool = False  # N ~ U[lo, hi] per step (random_passes) instead of a fixed N
     seed: int
-    overrides: list[str]
+    edits: dict[str, Any]  # what this run changes in the study's base experiment, by section
+    config: ExperimentConfig  # the base experiment with ``edits`` applied, validated
 
     @property
     def dirname(self) -> str:
-        return ("Nrand" if self.random_n else f"N{self.passes}") + f"-seed{self.seed}"
+        return run_name(self.passes, self.random_n, self.seed)
+
+
+def run_name(passes: int, random_n: bool, seed: int) -> str:
+    """A run's directory name (and its name in the tables): ``N2-seed0``, ``Nrand-seed0``."""
+    return ("Nrand" if random_n else f"N{passes}") + f"-seed{seed}"
 
 
 def load_study(path: str | Path, overrides: list[str] = ()) -> StudyConfig:
     return load_config(StudyConfig, path, overrides)
 
 
-def plan(cfg: StudyConfig) -> list[RunSpec]:
-    """Every run of the study, in the order they are trained (all N of seed 0 first)."""
-    evals = [f"eval.passes=[{','.join(map(str, cfg.eval_passes))}]", f"eval.samples={cfg.eval_samples}"]
-    runs = []
-    for seed in cfg.seeds:
-        for n in cfg.train_passes:
-            runs.append(RunSpec(label=f"N={n}", passes=n, seed=seed, overrides=[
-                *cfg.overrides, f"sleep.passes={n}", f"train.seed={seed}", f"data.task.seed={seed}", *evals]))
-    if cfg.random_passes is not None:
-        lo, hi = cfg.random_passes
-        for seed in cfg.random_seeds if cfg.random_seeds is not None else cfg.seeds[:1]:
-            runs.append(RunSpec(label=f"N~U[{lo},{hi}]", passes=hi, random_n=True, seed=seed, overrides=[
-                *cfg.overrides, f"sleep.passes={hi}", f"sleep.random_passes=[{lo},{hi}]",
-                f"sleep.random_seed={seed}", f"train.seed={seed}", f"data.task.seed={seed}", *evals]))
-    return runs
-
-
-def check_runs(cfg: StudyConfig, runs: list[RunSpec], source: str) -> list[ExperimentConfig]:
-    """Load every run's experiment config before anything trains, so a typo fails in seconds."""
+def load_base(cfg: StudyConfig, source: str = "<study>") -> ExperimentConfig:
+    """The study's base experiment with its shared ``overrides`` (the dotted strings a user writes in the
+    study YAML), validated once; a missing file or a bad override is one error naming the study."""
     experiment = REPO_ROOT / cfg.experiment
     if not experiment.is_file():
         raise ConfigError(f"{source}: experiment: {cfg.experiment} does not exist")
-    loaded = []
-    for spec in runs:
-        try:
-            loaded.append(load_experiment(experiment, [*spec.overrides, "run_dir=/tmp/megasleep-study-check"]))
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: run {spec.dirname}: {exc}") from None
-    return loaded
+    try:
+        return load_experiment(experiment, cfg.overrides)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None
+
+
+def edit(model: M, changes: dict[str, Any]) -> M:
+    """``model`` with ``changes`` applied: a nested mapping of field names whose mappings edit the
+    sub-model of the same name (``{"data": {"task": {"seed": 1}}}``). Not validated: see :func:`plan`."""
+    update = {}
+    for key, value in changes.items():
+        if key not in type(model).model_fields:
+            raise ConfigError(f"{type(model).__name__} has no field {key!r}")
+        current = getattr(model, key)
+        update[key] = edit(current, value) if isinstance(value, dict) and isinstance(current, BaseModel) else value
+    return model.model_copy(update=update)
+
+
+def plan(cfg: StudyConfig, source: str = "<study>", base: ExperimentConfig | None = None) -> list[RunSpec]:
+    """Every run of the study, in the order they are trained (all N of seed 0 first), each a typed edit
+    of the base experiment re-validated as a whole, so a value one run makes impossible fails here,
+    before anything trains, naming the run."""
+    base = load_base(cfg, source) if base is None else base
+    evals = {"eval_passes": list(cfg.eval_passes), "samples": cfg.eval_samples}
+
+    def run(label: str, passes: int, seed: int, sleep: dict[str, Any], random_n: bool = False) -> RunSpec:
+        edits = {"sleep": {"passes": passes, **sleep}, "train": {"seed": seed}, "data": {"task": {"seed": seed}},
+                 "eval": evals}
+        source_of_run = f"{source}: run {run_name(passes, random_n, seed)}"
+        config = experiment_from_dict(edit(base, edits).resolved(), source_of_run)
+        return RunSpec(label=label, passes=passes, random_n=random_n, seed=seed, edits=edits, config=config)
+
+    runs = [run(f"N={n}", n, seed, {}) for seed in cfg.seeds for n in cfg.train_passes]
+    if cfg.random_passes is not None:
+        lo, hi = cfg.random_passes
+        for seed in cfg.random_seeds if cfg.random_seeds is not None else cfg.seeds[:1]:
+            runs.append(run(f"N~U[{lo},{hi}]", hi, seed, {"random_passes": (lo, hi), "random_seed": seed},
+                            random_n=True))
+    return runs

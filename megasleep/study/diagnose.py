@@ -1,6 +1,6 @@
 """Collapse diagnostics of finished training runs (megasleep/sleep/diagnostics.py), at several N.
 
-    python -m megasleep.study.diagnose runs/studies/pointer-cpu/N3-seed0 [more run dirs] --passes 1 2 3 4
+    python -m megasleep.study.diagnose runs/studies/pointer-cpu/N3-seed0 [more run dirs] --eval-passes 1 2 3 4
 
 A run directory is what ``megasleep train`` leaves: ``config.yaml`` (the resolved experiment) and
 ``export/`` (the final weights; ``checkpoint.export=true``). The diagnostics are measured on the run's
@@ -21,12 +21,13 @@ from pathlib import Path
 import torch
 
 from megasleep.atomic import atomic_write
+from megasleep.renamed_options import refuse_renamed
 from megasleep.sleep.diagnostics import collapse_diagnostics, collapse_status, diagnostics_table
 
 DIAG_FILE = "diagnostics.json"
 
 
-def diagnose_run(run_dir: str | Path, passes: list[int], samples: int | None = None,
+def diagnose_run(run_dir: str | Path, eval_passes: list[int], samples: int | None = None,
                  batch_size: int = 256) -> dict[str, dict[str, float]]:
     """``{"N=1": diagnostics, ...}`` of the run's exported model; also written to RUN_DIR/diagnostics.json."""
     from megasleep.checkpoint.load import load_pretrained
@@ -49,8 +50,8 @@ def diagnose_run(run_dir: str | Path, passes: list[int], samples: int | None = N
                               params=task.params, n=samples or cfg.eval.samples)
     batches = [as_batch(collate(items[i:i + batch_size], tok.pad_id)) for i in range(0, len(items), batch_size)]
     out = {f"N={n}": collapse_diagnostics(model, batches, cfg.sleep.model_copy(update={"passes": n}), tok.pad_id)
-           for n in passes}
-    atomic_write(run_dir / DIAG_FILE, json.dumps({"passes": passes, "samples": len(items), "diagnostics": out},
+           for n in eval_passes}
+    atomic_write(run_dir / DIAG_FILE, json.dumps({"eval_passes": eval_passes, "samples": len(items), "diagnostics": out},
                                                  indent=1))
     return out
 
@@ -126,14 +127,15 @@ def diagnostics_section(results: list[dict]) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m megasleep.study.diagnose", description=__doc__.split("\n")[0])
     p.add_argument("run_dirs", nargs="+", help="finished training runs (config.yaml + export/)")
-    p.add_argument("--passes", nargs="+", type=int, default=[1, 2, 3, 4], help="N to measure at")
+    p.add_argument("--eval-passes", nargs="+", type=int, default=[1, 2, 3, 4], help="the N to measure at")
+    refuse_renamed(p, "--passes", "--eval-passes", "the list of N to measure at")
     p.add_argument("--samples", type=int, default=None, help="validation samples (default: the run's eval.samples)")
     args = p.parse_args(argv)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     runs = {}
     for d in map(Path, args.run_dirs):
         try:
-            runs[d.name] = (trained_passes(d), diagnose_run(d, args.passes, args.samples))
+            runs[d.name] = (trained_passes(d), diagnose_run(d, args.eval_passes, args.samples))
         except (FileNotFoundError, ValueError) as exc:
             print(f"[diagnose] {exc}", file=sys.stderr)
             return 2

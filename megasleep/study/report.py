@@ -15,6 +15,7 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from megasleep.atomic import atomic_write
 from megasleep.eval.harness import by_passes
 from megasleep.eval.scoring import wilson
 from megasleep.study.diagnose import diagnostics_section, run_statuses
@@ -324,9 +325,9 @@ def write_report(cfg, results: list[dict], directory: Path, *, command: str, har
         "## Cost", "", cost_table(results), "",
         f"![accuracy]({png.name})", ""]
     md = directory / "results.md"
-    md.write_text("\n".join(lines))
+    atomic_write(md, "\n".join(lines))
     summary = {"study": cfg.model_dump(), "command": command, "hardware": hardware,
                "wall_seconds": None if wall_seconds is None else round(wall_seconds, 1),
-               "runs": [{k: v for k, v in r.items() if k != "curve"} for r in results]}
-    (directory / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+               "runs": [{k: v for k, v in r.items() if k not in ("curve", "config")} for r in results]}
+    atomic_write(directory / "summary.json", json.dumps(summary, indent=1) + "\n")
     return md

@@ -1,7 +1,8 @@
 """Run a study: every (N, seed) through the real trainer, in parallel processes, resumable.
 
-A finished run leaves ``result.json`` in its run directory together with the overrides it was trained
-with; rerunning the study reuses it when the overrides match, so a study cut off half-way (a session
+A finished run leaves ``result.json`` in its run directory together with the config it was trained
+with; rerunning the study reuses it when that config matches the run's config now (the study's or the
+base experiment's settings alike), so a study cut off half-way (a session
 limit, a preempted job) continues where it stopped, and changing a setting retrains what it changes.
 """
 
@@ -19,7 +20,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from megasleep.atomic import atomic_write
-from megasleep.train.config import REPO_ROOT
+from megasleep.study.config import edit
+from megasleep.train.config import REPO_ROOT, ExperimentConfig, dump_yaml
 
 NOISE = ("FutureWarning", "return func(", "warnings.warn")
 
@@ -36,19 +38,23 @@ def _stream(proc: subprocess.Popen, prefix: str, sink, echo: bool) -> None:
             print(f"{prefix} {line}", end="", flush=True)
 
 
-def run_training(experiment: Path, overrides: list[str], run_dir: Path, *, ranks: int = 1, threads: int = 1,
+def run_training(config: ExperimentConfig, run_dir: Path, *, ranks: int = 1, threads: int = 1,
                  prefix: str = "", echo: bool = True) -> dict:
-    """``megasleep train experiment overrides`` in a subprocess (``ranks`` CPU processes through
-    torchrun), logged to ``run_dir/train.log``. Returns what the run measured: steps, tokens seen,
-    wall time, tokens/s, final loss, the loss curve and the evaluation at every N (``eval.json``)."""
+    """Train ``config`` afresh in ``run_dir``: the config (with that run directory, resume off) is written
+    to ``run_dir/config.yaml``, then ``megasleep train run_dir/config.yaml`` runs in a subprocess (``ranks``
+    CPU processes through torchrun), logged to ``run_dir/train.log``. Returns what the run measured:
+    steps, tokens seen, wall time, tokens/s, final loss, the loss curve and the evaluation at every N
+    (``eval.json``)."""
     shutil.rmtree(run_dir, ignore_errors=True)
     run_dir.mkdir(parents=True)
-    overrides = [f"run_dir={run_dir}", "checkpoint.resume=never", *overrides]
+    config = edit(config, {"run_dir": str(run_dir), "checkpoint": {"resume": "never"}})
+    config_file = run_dir / "config.yaml"
+    atomic_write(config_file, dump_yaml(config))
     if ranks > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}",
-               "-m", "megasleep.train.cli", str(experiment), *overrides]
+               "-m", "megasleep.train.cli", str(config_file)]
     else:
-        cmd = [sys.executable, "-m", "megasleep.train.cli", str(experiment), *overrides]
+        cmd = [sys.executable, "-m", "megasleep.train.cli", str(config_file)]
     env = dict(os.environ, PYTHONUNBUFFERED="1", DS_ACCELERATOR="cpu", OMP_NUM_THREADS=str(threads))
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
@@ -78,7 +84,6 @@ def run_training(experiment: Path, overrides: list[str], run_dir: Path, *, ranks
 def run_study(cfg, runs, *, jobs: int = 1, fresh: bool = False, echo: bool = True) -> list[dict]:
     """Train every run of ``runs`` (``megasleep.study.config.plan``), ``jobs`` at a time."""
     out = cfg.path("out")
-    experiment = REPO_ROOT / cfg.experiment
 
     def one(spec) -> dict:
         run_dir = out / spec.dirname
@@ -86,17 +91,17 @@ def run_study(cfg, runs, *, jobs: int = 1, fresh: bool = False, echo: bool = Tru
         with _claim(out / f".{spec.dirname}.lock", spec.dirname):
             if not fresh and done.is_file():
                 prev = json.loads(done.read_text())
-                if prev.get("overrides") == spec.overrides:
+                if prev.get("config") == spec.config.resolved():
                     _log(f"{spec.dirname}: reusing the finished run in {run_dir}")
                     return prev
             return train(spec, run_dir, done)
 
     def train(spec, run_dir: Path, done: Path) -> dict:
         _log(f"{spec.dirname}: training {spec.label}, seed {spec.seed} (log: {run_dir / 'train.log'})")
-        res = run_training(experiment, spec.overrides, run_dir, threads=cfg.threads,
-                           prefix=f"  [{spec.dirname}]", echo=echo and jobs == 1)
+        res = run_training(spec.config, run_dir, threads=cfg.threads, prefix=f"  [{spec.dirname}]",
+                           echo=echo and jobs == 1)
         res.update(label=spec.label, passes=spec.passes, random_n=spec.random_n, seed=spec.seed, name=spec.dirname,
-                   overrides=spec.overrides)
+                   edits=spec.edits, config=spec.config.resolved())
         if cfg.diagnostics:
             from megasleep.study.diagnose import diagnose_run
 

@@ -8,7 +8,7 @@ srun via launch/pretrain.sh), or with plain python for one process. Other modes:
                                                    every check a run at W ranks makes before starting
                                                    (paths, DeepSpeed JSON, batch / world divisibility):
                                                    exit 0, or exit 2 with one line on stderr
-    megasleep train CONFIG --eval-only             evaluate the run's latest checkpoint at eval.passes
+    megasleep train CONFIG --eval-only             evaluate the run's latest checkpoint at eval.eval_passes
 
 (`megasleep export RUN_DIR --out DIR` consolidates any saved checkpoint into an HF-style directory.)
 """
@@ -37,7 +37,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--world-size", type=int, default=None, metavar="W",
                    help="ranks the run will have (with --check-only; default: $WORLD_SIZE, else 1)")
     p.add_argument("--eval-only", action="store_true",
-                   help="evaluate the run's latest checkpoint at eval.passes (writes eval.json) and exit")
+                   help="evaluate the run's latest checkpoint at eval.eval_passes (writes eval.json) and exit")
     # `deepspeed --module megasleep.train.cli` appends --local_rank=N (LOCAL_RANK in the environment says the same)
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--trust-checkpoint", action="store_true",

@@ -205,17 +205,24 @@ class LoggingConfig(StrictModel):
 
 class EvalConfig(StrictModel):
     every: int = Field(0, ge=0, description="evaluate every K steps (0: only at the end)")
-    passes: list[int] = Field(default_factory=lambda: [1, 2, 4], description="sleep depths N to evaluate")
+    eval_passes: list[int] = Field(default_factory=lambda: [1, 2, 4], description="sleep depths N to evaluate at")
     samples: int = Field(256, ge=1, description="evaluation sequences (all ranks together)")
     batch_size: int | None = Field(None, ge=1, description="default: train.micro_batch_size")
     at_end: bool = True
     diagnostics: bool = Field(True, description="also measure the collapse diagnostics of every N evaluated "
                                                 "(key share, residual RMS, memory worth; docs/sleep.md)")
 
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data):
+        if isinstance(data, dict) and "passes" in data:  # an int N is `passes`; a list of N has its own name
+            raise ValueError("passes: renamed eval_passes (the list of N to evaluate at)")
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> EvalConfig:
-        if not self.passes or any(n < 1 for n in self.passes):
-            raise ValueError(f"passes={self.passes}: need a non-empty list of N >= 1")
+        if not self.eval_passes or any(n < 1 for n in self.eval_passes):
+            raise ValueError(f"eval_passes={self.eval_passes}: need a non-empty list of N >= 1")
         return self
 
 

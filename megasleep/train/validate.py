@@ -1,21 +1,16 @@
 """Evaluation during training: the scorer of ``megasleep eval`` (:mod:`megasleep.eval.harness`) on the
-run's validation samples, at every N of ``eval.passes``.
+run's validation samples, at every N of ``eval.eval_passes``.
 
     validator = build_validator(cfg, tokenizer, forward, rank, world, device)
     if validator.should_validate(step):
         results = validator.validate(step, metrics, run_dir)   # the results list of results.json
 
-The trainer passes the forward of its DeepSpeed engine (so ZeRO-3 gathers parameters as in training)
-running :class:`megasleep.eval.harness.CollectingRunner`: only the answer positions' predictions and
-CE are kept, never ``[B, T, V]`` logits. Each rank scores its share of the batches (every rank the
-same number: ZeRO-3 forwards are collective); :meth:`megasleep.eval.harness.Tally.reduce` merges them.
-So the accuracy a run logs is the one ``megasleep eval`` and the study tables report: correct
-*units* over units (a Depo query is a unit), for the same model, N and samples.
-
-With ``eval.diagnostics`` every N also gets the collapse diagnostics (:mod:`megasleep.sleep.diagnostics`)
-of this rank's first :data:`DIAG_SAMPLES` samples (rank 0's are the ones logged), measured on the
-underlying model outside the engine — under ZeRO-3 inside ``GatheredParameters`` on every rank, since
-gathering is collective. They are logged as ``N=2/diag/...`` and stored in each N's result.
+Contract: the accuracy a run logs is the one ``megasleep eval`` and the study tables report (correct
+units over units, same model, N and samples). Each rank scores the same number of batches through its
+DeepSpeed engine's forward (ZeRO-3 forwards are collective) and :meth:`Tally.reduce` merges them; no
+``[B, T, V]`` logits are kept. With ``eval.diagnostics`` each N also gets the collapse diagnostics of
+:data:`DIAG_SAMPLES` samples, measured on the plain model (under ZeRO-3 inside ``GatheredParameters``
+on every rank, since gathering is collective). Doc: docs/training.md ("Evaluation during training").
 """
 
 from __future__ import annotations
@@ -50,14 +45,14 @@ DIAG_SAMPLES = 64
 class Validator:
     """``should_validate(step)`` / ``validate(step)`` over fixed batches ``[(sample indices, batch)]``."""
 
-    def __init__(self, forward: Forward, batches: list[tuple[list[int], dict]], sleep: SleepConfig, passes: list[int],
+    def __init__(self, forward: Forward, batches: list[tuple[list[int], dict]], sleep: SleepConfig, eval_passes: list[int],
                  every: int, device: torch.device, task: str | None = None, bootstrap: int = 1000, seed: int = 0,
                  model: torch.nn.Module | None = None, pad_id: int | None = None, zero3: bool = False):
-        self.forward, self.batches, self.sleep, self.passes = forward, batches, sleep, list(passes)
+        self.forward, self.batches, self.sleep, self.eval_passes = forward, batches, sleep, list(eval_passes)
         self.every, self.device, self.task = every, device, task
         # collapse diagnostics need the plain model (None: not measured); pad positions are left out
         self.model, self.pad_id, self.zero3 = model, pad_id, zero3
-        self.settings = EvalSettings(passes=self.passes, window=sleep.window, eviction=sleep.eviction,
+        self.settings = EvalSettings(eval_passes=self.eval_passes, window=sleep.window, eviction=sleep.eviction,
                                      adaptive_tol=sleep.adaptive_tol, bootstrap=bootstrap, seed=seed,
                                      scoring="teacher", progress=False)
 
@@ -71,7 +66,7 @@ class Validator:
     def scores(self) -> list[dict]:
         """One result per N (the schema of :func:`megasleep.eval.harness.summarize`), all ranks merged."""
         results = []
-        for n in self.passes:
+        for n in self.eval_passes:
             cfg = self.sleep.model_copy(update={"passes": n, "random_passes": None, "checkpoint": False})
             tally = Tally()
             for idx, batch in self.batches:
@@ -188,6 +183,6 @@ def build_validator(cfg, tokenizer, forward: Forward, rank: int, world: int, dev
         print(f"[megasleep] warning: no evaluation batches (eval.samples={cfg.eval.samples}, batch size "
               f"{cfg.eval.batch_size or cfg.train.micro_batch_size}, {world} ranks): evaluation is skipped",
               file=sys.stderr, flush=True)
-    return Validator(forward, batches, cfg.sleep, cfg.eval.passes, cfg.eval.every, device, task,
+    return Validator(forward, batches, cfg.sleep, cfg.eval.eval_passes, cfg.eval.every, device, task,
                      seed=cfg.train.seed, model=model if cfg.eval.diagnostics else None,
                      pad_id=getattr(tokenizer, "pad_id", None), zero3=zero3)

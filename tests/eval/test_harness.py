@@ -47,7 +47,7 @@ def _run(*argv) -> int:
 
 def test_eval_on_task_shards_writes_json_csv_png(r110, tmp_path):
     out = tmp_path / "res"
-    assert _run("--checkpoint", r110["ck"], "--data", r110["shards"], "--sleep-passes", "1,2,4", "--out", out) == 0
+    assert _run("--checkpoint", r110["ck"], "--data", r110["shards"], "--eval-passes", "1,2,4", "--out", out) == 0
     for f in ("results.json", "buckets.csv", "windows.csv", "samples.jsonl", "accuracy_vs_passes.png",
               "accuracy_vs_difficulty.png", "loss_vs_window.png"):
         assert (out / f).is_file(), f
@@ -64,7 +64,7 @@ def test_eval_on_task_shards_writes_json_csv_png(r110, tmp_path):
     assert data["n_examples"] == 24
     assert doc["tokenizer"]["checkpoint"] == doc["tokenizer"]["data"] == r110["tok"].hash
     s = doc["settings"]
-    assert s["sleep_passes"] == [1, 2, 4] and s["window"] == 24 and s["eviction"] == "hard"  # from the checkpoint
+    assert s["eval_passes"] == [1, 2, 4] and s["window"] == 24 and s["eviction"] == "hard"  # from the checkpoint
     assert {"adaptive_tol", "batch_size", "bootstrap", "seed", "scoring", "max_examples", "device", "dtype"} <= set(s)
     assert [r["passes"] for r in doc["results"]] == [1, 2, 4]
     for r in doc["results"]:
@@ -84,7 +84,7 @@ def test_eval_on_task_shards_writes_json_csv_png(r110, tmp_path):
 
     # --max-examples and compare
     out2 = tmp_path / "res2"
-    assert _run("--checkpoint", r110["ck"], "--data", r110["shards"], "--sleep-passes", "1", "--max-examples",
+    assert _run("--checkpoint", r110["ck"], "--data", r110["shards"], "--eval-passes", "1", "--max-examples",
                 "10", "--out", out2, "--no-plots") == 0
     assert json.loads((out2 / "results.json").read_text())["data"]["n_examples"] == 10
     assert main(["eval", "compare", str(out), str(out2), "--csv", str(tmp_path / "cmp.csv")]) == 0
@@ -114,7 +114,7 @@ def test_accuracy_and_answer_loss_match_a_known_predictor(r110, tmp_path):
     d = 32
     ck = save_pretrained(_constant_model(tok.vocab_size, one), tmp_path / "const", tokenizer_path=tok.path)
     out = tmp_path / "res"
-    assert _run("--checkpoint", ck, "--data", r110["shards"], "--sleep-passes", "1,2", "--window", "24",
+    assert _run("--checkpoint", ck, "--data", r110["shards"], "--eval-passes", "1,2", "--window", "24",
                 "--out", out, "--no-plots") == 0
     doc = json.loads((out / "results.json").read_text())
     from megasleep.eval.data import read_shards
@@ -148,7 +148,7 @@ def depo(tmp_path_factory):
 
 def test_depo_scores_every_query_and_matches_full_logits(depo, tmp_path):
     out = tmp_path / "res"
-    assert _run("--checkpoint", depo["ck"], "--data", depo["shards"], "--sleep-passes", "2", "--window", "75",
+    assert _run("--checkpoint", depo["ck"], "--data", depo["shards"], "--eval-passes", "2", "--window", "75",
                 "--batch-size", "4", "--out", out, "--no-plots") == 0
     doc = json.loads((out / "results.json").read_text())
     res = doc["results"][0]
@@ -187,7 +187,7 @@ def test_text_shards_per_window_loss_and_adaptive(tmp_path):
     build_text_dataset([str(tmp_path / "c.jsonl")], tmp_path / "text", tok.path, seq_len=48, progress=False)
     ck = save_pretrained(_model(tok.vocab_size, seed=1), tmp_path / "ck", tokenizer_path=tok.path)
     out = tmp_path / "res"
-    assert _run("--checkpoint", ck, "--data", tmp_path / "text", "--sleep-passes", "1,3", "--window", "16",
+    assert _run("--checkpoint", ck, "--data", tmp_path / "text", "--eval-passes", "1,3", "--window", "16",
                 "--max-examples", "6", "--batch-size", "4", "--adaptive-tol", "0.05", "--out", out) == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["data"]["kind"] == "text" and (out / "loss_vs_window.png").is_file()
@@ -233,7 +233,7 @@ def test_gsm_generation_scoring(tmp_path):
     ck = save_pretrained(_model(tok.vocab_size, seed=2), tmp_path / "ck", tokenizer_path=tok.path)
     out = tmp_path / "res"
     assert _run("--checkpoint", ck, "--task", "gsm", "--difficulty", "1,2", "--n-examples", "2", "--task-param",
-                "length_min=60", "--task-param", "length_max=120", "--window", "32", "--sleep-passes", "1,2",
+                "length_min=60", "--task-param", "length_max=120", "--window", "32", "--eval-passes", "1,2",
                 "--max-new-tokens", "3", "--out", out) == 0
     doc = json.loads((out / "results.json").read_text())
     assert doc["data"]["source"] == "generator" and doc["data"]["params"]["length_min"] == 60
@@ -294,6 +294,31 @@ def test_bad_inputs(r110, depo, tmp_path, capsys):
     # on-the-fly generation with the checkpoint's tokenizer works
     out = tmp_path / "gen"
     assert _run("--checkpoint", r110["ck"], "--task", "rule110", "--difficulty", "1,3", "--n-examples", "4",
-                "--sleep-passes", "1", "--out", out, "--no-plots") == 0
+                "--eval-passes", "1", "--out", out, "--no-plots") == 0
     doc = json.loads((out / "results.json").read_text())
     assert [b["n_samples"] for b in doc["results"][0]["buckets"]] == [4, 4]
+
+
+@pytest.mark.parametrize("argv,new", [(["eval", "--checkpoint", "x", "--sleep-passes", "1,2"], "--eval-passes"),
+                                      (["demo", "--passes", "1,2"], "--train-passes")])
+def test_old_names_of_the_lists_of_n_are_refused_with_the_new_name(argv, new, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2 and f"{argv[-2]}: renamed {new}" in capsys.readouterr().err
+
+
+def test_a_model_trained_with_a_sleep_remedy_is_evaluated_with_it(r110, tmp_path):
+    """reinject / feedback_norm change the forward: the checkpoint's recorded switches reach the scorer
+    (the same weights recorded without them score differently; before, both scored alike)."""
+    model = _model(r110["tok"].vocab_size)
+    loss = {}
+    for name, switches in (("plain", {}), ("reinject", {"reinject": True, "feedback_norm": True})):
+        ck = save_pretrained(model, tmp_path / name, tokenizer_path=r110["tok"].path,
+                             sleep={"window": 8, "passes": 3, "eviction": "hard", **switches})
+        out = tmp_path / f"res-{name}"
+        assert _run("--checkpoint", ck, "--data", r110["shards"], "--eval-passes", "3", "--max-examples", "8", "--out", out,
+                    "--no-plots", "--diagnostics-samples", "0") == 0
+        doc = json.loads((out / "results.json").read_text())
+        assert doc["settings"]["reinject"] == bool(switches) and doc["settings"]["window"] == 8
+        loss[name] = doc["results"][0]["loss"]
+    assert loss["plain"] != loss["reinject"]  # deterministic CPU runs: equal unless the forward differs

@@ -70,7 +70,7 @@ def test_lm_eval_cli_with_megasleep_model(setup):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(d / "hf"), "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "megasleep.eval.lm_eval_cli", "--model", "megasleep", "--model_args",
-           f"pretrained={setup['ck']},sleep_passes=2,window=4,eviction=hard",
+           f"pretrained={setup['ck']},passes=2,window=4,eviction=hard",
            "--tasks", "megasleep_tiny_mc,megasleep_tiny_ppl,megasleep_tiny_gen", "--include_path", str(setup["tasks"]),
            "--output_path", str(d / "out"), "--log_samples"]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=d)
@@ -106,17 +106,17 @@ def test_lm_eval_cli_with_megasleep_model(setup):
 
 @pytest.mark.slow  # subprocess training / DeepSpeed: out of the `-m 'not slow'` inner loop
 def test_unknown_model_args_are_one_line_errors(setup):
-    """A typo (sleep_pass for sleep_passes) must not run at another N: exit code 2, the key named."""
+    """A typo (passe for passes) must not run at another N: exit code 2, the key named."""
     d = setup["dir"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(d / "hf"), "HF_DATASETS_OFFLINE": "1",
            "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "megasleep.eval.lm_eval_cli", "--model", "megasleep", "--model_args",
-           f"pretrained={setup['ck']},sleep_pass=4", "--tasks", "megasleep_tiny_mc", "--include_path",
+           f"pretrained={setup['ck']},passe=4", "--tasks", "megasleep_tiny_mc", "--include_path",
            str(setup["tasks"])]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600, cwd=d)
     assert r.returncode == 2, r.stderr[-3000:]
     last = r.stderr.strip().splitlines()[-1]
-    assert "unknown model_args 'sleep_pass' (did you mean 'sleep_passes'?)" in last
+    assert "unknown model_args 'passe' (did you mean 'passes'?)" in last
     assert "Traceback" not in r.stderr
 
 
@@ -131,6 +131,7 @@ def test_device_defaults_to_cpu_without_cuda():
     assert _with_device([*run, "--device", "cuda:1"], cuda=False)[-1] == "cuda:1"  # the adapter refuses it
     assert _with_device(["ls", "tasks"], cuda=False) == ["ls", "tasks"]
     assert "did you mean 'window'" in unknown_args_message(["windw"])
+    assert "'sleep_passes' (renamed 'passes')" in unknown_args_message(["sleep_passes"])  # the old key
 
 
 def test_cuda_device_without_cuda_is_an_error(setup):

@@ -60,7 +60,7 @@ def test_score_batch_counts_units_not_samples():
     assert (a["index"], a["units"], a["correct"], a["unit_correct"]) == (7, 3, 2, [1, 0, 1])
     assert a["answer_loss_sum"] == pytest.approx(2.1) and a["answer_tokens"] == 6
     assert (b["units"], b["correct"]) == (1, 1)
-    res = summarize(tally, EvalSettings(passes=[2], window=12, bootstrap=200), 2, "depo")
+    res = summarize(tally, EvalSettings(eval_passes=[2], window=12, bootstrap=200), 2, "depo")
     o = res["overall"]
     assert (o["correct"], o["n_units"], o["n_samples"]) == (3, 4, 2) and o["accuracy"] == 0.75
     assert (o["wilson_low"], o["wilson_high"]) == pytest.approx(wilson(3, 4))
@@ -110,14 +110,14 @@ def test_trainer_study_table_and_megasleep_eval_agree_on_multi_query_depo(tmp_pa
     train = [sys.executable, "-m", "megasleep.cli", "train", "configs/experiments/tiny-demo.yaml", f"run_dir={run}",
              "data.task.name=depo", f"data.task.params={params}", "data.task.difficulty=2", "sleep.window=24",
              "train.steps=3", "train.global_batch_size=4", "train.micro_batch_size=4", "optim.warmup_steps=1",
-             "checkpoint.every=0", "checkpoint.resume=never", "eval.passes=[1,2]", "eval.samples=12",
+             "checkpoint.every=0", "checkpoint.resume=never", "eval.eval_passes=[1,2]", "eval.samples=12",
              "eval.batch_size=4", "logging.tensorboard=false", "logging.progress=false"]
     p = subprocess.run(train, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     trained = {r["passes"]: r for r in json.loads((run / "eval.json").read_text())["results"]}
     out = tmp_path / "eval"
     ev = [sys.executable, "-m", "megasleep.cli", "eval", "--checkpoint", str(run / "export"), "--task", "depo",
-          "--split", "val", "--difficulty", "2", "--n-examples", "12", "--seed", "0", "--sleep-passes", "1,2",
+          "--split", "val", "--difficulty", "2", "--n-examples", "12", "--seed", "0", "--eval-passes", "1,2",
           "--batch-size", "4", "--no-plots", "--no-progress", "--out", str(out)]
     for kv in ("n_min=4", "n_max=8", "n_queries=4", "graph_len=40"):
         ev += ["--task-param", kv]
@@ -147,7 +147,7 @@ def test_validator_under_zero3_two_ranks_equals_one_rank(tmp_path):
     one all-gather) reports the samples, units and counts of a 1-rank run of the same model."""
     common = ["configs/experiments/tiny-demo.yaml", "deepspeed.zero_stage=3", "train.steps=2",
               "train.global_batch_size=8", "train.micro_batch_size=4", "optim.warmup_steps=1", "checkpoint.every=0",
-              "checkpoint.resume=never", "checkpoint.export=false", "eval.passes=[1,2]", "eval.samples=24",
+              "checkpoint.resume=never", "checkpoint.export=false", "eval.eval_passes=[1,2]", "eval.samples=24",
               "eval.batch_size=4", "logging.tensorboard=false", "logging.progress=false"]
     evals = {}
     for ranks in (1, 2):

@@ -12,6 +12,7 @@ import torch
 from megasleep import __version__
 from megasleep.cli import main as megasleep_main
 from megasleep.inference import generate
+from megasleep.sleep import SleepConfig
 from tests.conftest import tiny_model
 
 WORDS = ["sleep", "wake", "window", "memory", "state", "token", "fast", "weight", "model", "the", "a", "of"]
@@ -58,7 +59,7 @@ def run(capsys, *args):
 
 def test_generate_with_prompt_ids_matches_the_api(ckpt, capsys):
     model, _, path = ckpt
-    rc, out, err = run(capsys, "--checkpoint", path, "--prompt-ids", "4,5,6,7,8,9,10", "--sleep-passes", 3,
+    rc, out, err = run(capsys, "--checkpoint", path, "--prompt-ids", "4,5,6,7,8,9,10", "--passes", 3,
                        "--window", 4, "--eviction", "sliding", "--max-new-tokens", 9, "--temperature", 0,
                        "--no-eos", "--device", "cpu")
     assert rc == 0, err
@@ -95,7 +96,7 @@ def test_vocab_mismatch_is_a_clear_error(ckpt, capsys, tmp_path):
     (["--prompt-ids", "", "-L", 4], "empty prompt"),
     (["--prompt-ids", "1,2,64", "-L", 4], "token ids must be integers in [0, 64) for this model, got [64]"),
     (["--prompt-ids", "1,x", "-L", 4], "must be integers"),
-    (["--prompt-ids", "1,2", "-L", 4, "--sleep-passes", 0], "--sleep-passes must be >= 1"),
+    (["--prompt-ids", "1,2", "-L", 4, "--passes", 0], "--passes must be >= 1"),
     (["--prompt-ids", "1,2"], "give --window"),
 ])
 def test_bad_cli_input(ckpt, capsys, args, msg):
@@ -117,3 +118,32 @@ def test_sleep_settings_default_to_the_checkpoints(ckpt, capsys, tmp_path):
     assert rc == 0, err
     assert "N=2 L=3 eviction=sliding" in err and "sleeps: 2" in err
     assert out.split() and all(t.isdigit() for t in out.split())     # no tokenizer: ids are printed
+
+
+def test_the_old_flag_name_is_refused_with_the_new_one(ckpt, capsys):
+    _, _, path = ckpt
+    with pytest.raises(SystemExit) as exc:
+        run(capsys, "--checkpoint", path, "--prompt-ids", "1,2", "-L", 4, "--sleep-passes", 2)
+    assert exc.value.code == 2
+    assert "--sleep-passes: renamed --passes" in capsys.readouterr().err
+
+
+def test_generate_uses_the_sleep_remedies_the_checkpoint_records(ckpt, tmp_path, capsys, monkeypatch):
+    """A checkpoint trained with reinject / feedback_norm generates with them (they change its forward;
+    that a Session with them equals the chunked forward: tests/inference/test_parity.py)."""
+    import importlib
+
+    gen = importlib.import_module("megasleep.inference.generate")  # the package's `generate` is the function
+    model, tok, _ = ckpt
+    seen = []
+    real = gen.generate_stream
+    monkeypatch.setattr(gen, "generate_stream", lambda *a, **kw: seen.append(kw["sleep"]) or real(*a, **kw))
+    for switches in ({"reinject": True, "feedback_norm": True}, {"reinject": True}, {}):
+        path = write_checkpoint(model, tmp_path / f"r{len(seen)}", tok.path,
+                                sleep={"window": 3, "passes": 3, "eviction": "hard", **switches})
+        rc, out, err = run(capsys, "--checkpoint", path, "--prompt-ids", "4,5,6,7,8,9,10", "--max-new-tokens", 4,
+                           "--temperature", 0, "--no-eos", "--device", "cpu")
+        assert rc == 0, err
+        want = SleepConfig(window=3, passes=3, checkpoint=False, **switches)
+        assert seen[-1] == want and (seen[-1].reinject, seen[-1].feedback_norm) == (
+            switches.get("reinject", False), switches.get("feedback_norm", False))

@@ -60,7 +60,8 @@ train: {steps: 2, global_batch_size: 4, micro_batch_size: 2}
     ("optim: {lr: -1}\n", ["optim.lr", "greater than 0"]),
     ("checkpoint: {keep_last: 0}\n", ["checkpoint.keep_last"]),
     ("data: {source: shards}\n", ["data", "needs data.train"]),
-    ("eval: {passes: []}\n", ["eval", "non-empty"]),
+    ("eval: {eval_passes: []}\n", ["eval", "non-empty"]),
+    ("eval: {passes: [1, 2]}\n", ["eval: passes: renamed eval_passes"]),  # the list's old name
     ("data: {task: {name: rule111}}\n", ["data.task.name", "unknown task 'rule111'", "depo, gsm, pointer, rule110"]),
     ("data: {task: {difficulty: abc}}\n", ["data.task.difficulty", "'abc' is not a difficulty"]),
     ("data: {task: {eval_difficulty: 3-1}}\n", ["data.task.eval_difficulty", "'3-1' is not a difficulty"]),

@@ -21,7 +21,7 @@ RECORDED = {"n_strings": 1, "width": 24}
 def test_training_eval_carries_diagnostics_and_eval_defaults_to_the_recorded_task(tmp_path):
     run = tmp_path / "run"
     run_train(f"run_dir={run}", "train.steps=3", "train.global_batch_size=4", "train.micro_batch_size=4",
-              "optim.warmup_steps=1", "checkpoint.every=0", "checkpoint.resume=never", "eval.passes=[1,2]",
+              "optim.warmup_steps=1", "checkpoint.every=0", "checkpoint.resume=never", "eval.eval_passes=[1,2]",
               "eval.samples=8", "eval.batch_size=4", "logging.tensorboard=false", "logging.progress=false")
     results = {r["passes"]: r for r in json.loads((run / "eval.json").read_text())["results"]}
     assert set(results) == {1, 2}
@@ -48,7 +48,7 @@ def test_training_eval_carries_diagnostics_and_eval_defaults_to_the_recorded_tas
 
     out = tmp_path / "eval"
     cmd = [PY, "-m", "megasleep.cli", "eval", "--checkpoint", str(run / "export"), "--task", "rule110",
-           "--n-examples", "2", "--sleep-passes", "1,2", "--batch-size", "4", "--no-plots", "--no-progress",
+           "--n-examples", "2", "--eval-passes", "1,2", "--batch-size", "4", "--no-plots", "--no-progress",
            "--device", "cpu", "--out", str(out)]
     p = subprocess.run(cmd, cwd=ROOT, env=env(), capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]

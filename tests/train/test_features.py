@@ -35,7 +35,7 @@ def test_paper_recipe_switches(tmp_path):
         "train.micro_batch_size=2", "train.precision=bf16-autocast", "optim.name=muon", "optim.schedule=wsd",
         "optim.warmup_steps=2", "optim.decay_fraction=0.5", "sleep.random_passes=[1,3]", "sleep.random_seed=7",
         "sleep.truncate_backprop=1", f"checkpoint.init_from={init}", "optim.trainable=[layers.1.*,layers.3.*]",
-        "eval.passes=[1,3]", "eval.samples=8", "logging.tensorboard=true", "logging.wandb.enabled=true")
+        "eval.eval_passes=[1,3]", "eval.samples=8", "logging.tensorboard=true", "logging.wandb.enabled=true")
     assert "(bf16-autocast)" in p.stderr and "optim muon" in p.stderr
     recs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     train = [r for r in recs if r["kind"] == "train"]

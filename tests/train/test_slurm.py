@@ -42,7 +42,7 @@ pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 RUN = ["train.steps=6", "optim.warmup_steps=2", "train.log_every=1", "train.global_batch_size=8", "train.micro_batch_size=2",
        "eval.at_end=false", "logging.tensorboard=false", "logging.progress=false", "checkpoint.export=false"]
 SWEEP = ["train.steps=3", "optim.warmup_steps=1", "train.log_every=1", "train.global_batch_size=4", "train.micro_batch_size=4",
-         "eval.passes=[1,2]", "eval.samples=8", "logging.tensorboard=false", "checkpoint.export=false"]
+         "eval.eval_passes=[1,2]", "eval.samples=8", "logging.tensorboard=false", "checkpoint.export=false"]
 TWO_NODES = ["--nodes=2", "--oversubscribe"]
 
 
@@ -109,7 +109,7 @@ def jobs(tmp_path_factory):
         proc, _ = submitted["node"]
         proc.wait(timeout=max(60, 600 - (time.time() - t0)))
         # the 2-rank checkpoint of "node", evaluated by a 2-node job while the others finish
-        submit("eval", [*cpu, "--ntasks-per-node=1", "launch/eval.sh", *RUN, "eval.passes=[1,2]",
+        submit("eval", [*cpu, "--ntasks-per-node=1", "launch/eval.sh", *RUN, "eval.eval_passes=[1,2]",
                         "eval.samples=8", f"run_dir={tmp}/node"])
         for name, (p, _job) in submitted.items():
             p.wait(timeout=max(60, 900 - (time.time() - t0)))
