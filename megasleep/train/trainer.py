@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from megasleep.atomic import atomic_write
 from megasleep.config import ConfigError, resolve_path
 from megasleep.models.precision import (
     cast_parameters,
@@ -123,7 +124,7 @@ class Trainer:
     def prepare_run_dir(self) -> None:
         if self.rank == 0 and not self.eval_only:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_yaml(self.cfg))
+            atomic_write(self.run_dir / "config.yaml", dump_yaml(self.cfg))  # a study may train from this file
             self.stop.clear_stale_stop_file()
             self.status.write("running")
         self.barrier()
