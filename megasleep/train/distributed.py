@@ -63,7 +63,6 @@ def setup_distributed(cfg) -> DistContext:
         raise ConfigError(f"{cfg.source}: train.device=cuda but CUDA is not available")
     if not want_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    from megasleep.train.engine import quiet_libraries
 
     quiet_libraries()
     import deepspeed
@@ -104,3 +103,21 @@ def shutdown_distributed(barrier: bool = True) -> None:
             with contextlib.suppress(Exception):
                 dist.barrier()
         dist.destroy_process_group()
+
+
+def quiet_libraries() -> None:
+    """DeepSpeed logs every init at INFO; keep warnings and errors only (MEGASLEEP_DS_VERBOSE=1 keeps all)."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.*", category=FutureWarning)
+    if os.environ.get("MEGASLEEP_DS_VERBOSE"):
+        return
+    from deepspeed.utils import logger as ds_logger
+
+    ds_logger.setLevel(logging.WARNING)
+    # our root module returns a SleepOutput dataclass; ZeRO-3's hooks on the root are not needed
+    # (it owns no parameters), and the mixers' hidden-state parameters are handled by
+    # register_external_params
+    ds_logger.addFilter(lambda rec: "unknown inputs or outputs type" not in rec.getMessage())

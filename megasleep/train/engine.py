@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import difflib
-import os
 import time
 from typing import Any
 
@@ -236,24 +235,6 @@ def reinit_partitioned(model: nn.Module, rank: int) -> None:
         with deepspeed.zero.GatheredParameters(list(mod.parameters(recurse=False)), modifier_rank=0):
             if rank == 0:
                 model.init_module(mod, std)
-
-
-def quiet_libraries() -> None:
-    """DeepSpeed logs every init at INFO; keep warnings and errors only (MEGASLEEP_DS_VERBOSE=1 keeps all)."""
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.*", category=FutureWarning)
-    warnings.filterwarnings("ignore", message=r".*reduce_scatter_tensor.*", category=FutureWarning)
-    if os.environ.get("MEGASLEEP_DS_VERBOSE"):
-        return
-    from deepspeed.utils import logger as ds_logger
-
-    ds_logger.setLevel(logging.WARNING)
-    # our root module returns a SleepOutput dataclass; ZeRO-3's hooks on the root are not needed
-    # (it owns no parameters), and the mixers' hidden-state parameters are handled by
-    # register_external_params
-    ds_logger.addFilter(lambda rec: "unknown inputs or outputs type" not in rec.getMessage())
 
 
 def initialize(module: nn.Module, optimizer, ds_config: dict[str, Any], model: nn.Module):
