@@ -4,12 +4,15 @@
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/data_loader.py            # ~1 min on 2 CPU cores
     .venv/bin/python benchmarks/data_loader.py --workers 2 --seconds 10 --json results/data_loader.json
 
-1. builds tiny datasets in a temporary directory (or ``--data-dir``): Rule 110 task shards
+1. builds tiny datasets in a temporary directory (or ``--data-dir``): the demo's own Rule-110 shards
+   (``megasleep demo``: one 24-bit string, t in 0-3, built by the demo's code), Rule 110 task shards
    (T = 101) and text shards (a synthetic Zipf corpus, sentencepiece vocab 512, T = 1024);
 2. loader tokens/s: ``build_loader`` with ``--workers`` workers, shuffle buffer 1000, repeating
-   epochs, timed over ``--seconds`` after a warm-up (tokens = batch x padded length);
+   epochs, timed over ``--seconds`` after a warm-up (tokens = batch x padded length). The ``demo``
+   row uses the demo's own loader settings instead (0 workers: the loader runs in the training
+   process, shuffle buffer 200, 32 sequences per rank);
 3. training tokens/s of the tiny model (``configs/models/tiny.yaml``, sleep_forward + backward +
-   AdamW) on batches of the same shape. megasleep.models / megasleep.sleep are imported lazily; if
+   AdamW) on batches of the same shape (the ``demo`` row: the demo's L = 24 and its deeper N = 2). megasleep.models / megasleep.sleep are imported lazily; if
    they are not there yet the line says "model not available yet".
 """
 
@@ -31,11 +34,13 @@ sys.path.insert(0, str(ROOT))
 def build_data(d: Path, n_task: int, n_docs: int) -> dict[str, dict]:
     import numpy as np
 
+    from megasleep import demo
     from megasleep.data.shards import build_task_split, build_text_dataset
     from megasleep.data.tasks import get_task
     from megasleep.data.tokenizer import train_tokenizer
 
-    out = {}
+    out = {"demo": {"path": str(demo.build_shards(d / "demo", n_task, 64) / "train"), "batch_size": 32,
+                    "seq_len": None, "window": 24, "passes": 2, "workers": 0, "shuffle_buffer": 200}}
     if not (d / "rule110" / "manifest.json").exists():
         tok = get_task("rule110").make_task_tokenizer(d / "tok")
         build_task_split("rule110", d / "rule110", "train", n_task, seed=0, difficulties="1-32", tokenizer=tok.path,
@@ -63,7 +68,8 @@ def loader_tokens_per_s(spec: dict, workers: int, seconds: float) -> dict:
     from megasleep.data.loader import build_loader
 
     loader = build_loader({"datasets": [spec["path"]], "batch_size": spec["batch_size"], "seq_len": spec["seq_len"],
-                           "num_workers": workers, "shuffle_buffer": 1000, "seed": 0})
+                           "num_workers": spec.get("workers", workers),
+                           "shuffle_buffer": spec.get("shuffle_buffer", 1000), "seed": 0})
     it = iter(loader)
     for _ in range(5):  # warm-up: worker start, shuffle-buffer fill
         next(it)
@@ -76,7 +82,7 @@ def loader_tokens_per_s(spec: dict, workers: int, seconds: float) -> dict:
     dt = time.perf_counter() - t0
     del it
     return {"tokens_per_s": tokens / dt, "batches": batches, "batch_shape": list(b["input_ids"].shape),
-            "seconds": dt}
+            "seconds": dt, "workers": spec.get("workers", workers)}
 
 
 def model_tokens_per_s(spec: dict, steps: int) -> dict:
@@ -94,7 +100,7 @@ def model_tokens_per_s(spec: dict, steps: int) -> dict:
         cfg = load_model_config(ROOT / "configs" / "models" / "tiny.yaml")
         model = build_model(cfg)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        sleep_cfg = SleepConfig(window=spec["window"], passes=1, eviction="hard")
+        sleep_cfg = SleepConfig(window=spec["window"], passes=spec.get("passes", 1), eviction="hard")
         loader = build_loader({"datasets": [spec["path"]], "batch_size": spec["batch_size"],
                                "seq_len": spec["seq_len"], "num_workers": 0, "shuffle_buffer": 0})
         batch = next(iter(loader))
@@ -143,7 +149,7 @@ def main():
         lo = loader_tokens_per_s(spec, a.workers, a.seconds)
         mo = model_tokens_per_s(spec, a.steps)
         results[name] = {"loader": lo, "model": mo}
-        line = (f"{name:8s} loader ({a.workers} workers, batch {lo['batch_shape']}): "
+        line = (f"{name:8s} loader ({lo['workers']} workers, batch {lo['batch_shape']}): "
                 f"{lo['tokens_per_s']:12,.0f} tokens/s")
         if mo["available"]:
             ratio = lo["tokens_per_s"] / mo["tokens_per_s"]

@@ -108,44 +108,52 @@ def block_costs(model, batch: int, window: int, dtype: torch.dtype, device="meta
     return costs
 
 
-def head_saved(model, batch: int, window: int, dtype: torch.dtype, device="meta") -> int:
-    import torch.nn.functional as F
-
-    from megasleep.models.norm import upcast
-
+def head_saved(model, batch: int, window: int, dtype: torch.dtype, device="meta",
+               grad_in_forward: bool = False) -> int:
+    """Bytes the fused head + CE of one window keeps for backward (``HybridLM.head_loss``: its input
+    and per-row log-sum-exp, or, with ``grad_in_forward``, the gradients it computed)."""
     h = torch.empty(batch, window, model.config.d_model, device=device, dtype=dtype, requires_grad=True)
-    tgt = torch.zeros(batch * window, dtype=torch.long, device=device)
-    return _saved_bytes(lambda: F.cross_entropy(upcast(model.head(h)).flatten(0, 1), tgt, reduction="sum"))
+    tgt = torch.zeros(batch, window, dtype=torch.long, device=device)
+    mask = torch.ones(batch, window, dtype=torch.bool, device=device)
+    return _saved_bytes(lambda: model.head_loss(h, tgt, mask, grad_in_forward=grad_in_forward))
 
 
 def activation_parts(model, sleep, batch: int, seq: int, dtype: torch.dtype, device="meta") -> tuple[int, int]:
     """(bytes kept for backward by one micro-batch of ``seq`` tokens, extra bytes at the peak of
     backward while the largest checkpointed region is recomputed). The sleep loop's structure:
 
-    * every window keeps its prelude activations (the prelude is not checkpointed), and, when
-      checkpointing, the input of its coda + head region (recomputed in backward);
+    * every window keeps its prelude activations (the prelude is not checkpointed);
     * ``(windows - 1) * N + 1`` core passes run (the last window does not sleep); per pass, policy
       ``none`` keeps every core block's activations, ``pass`` keeps the pass input and the states,
-      ``blocks:k`` keeps the input of every k-th block and the activations of the others.
+      ``blocks:k`` keeps the input of every k-th block and the activations of the others;
+    * when checkpointing, the coda of every window but the last keeps only its input, and the fused
+      head its input and log-sum-exp (recomputed in backward);
+    * the step's last window is never recomputed (backward starts with it): it keeps its core, coda
+      and head (the head's gradients, computed in its forward) as without checkpointing.
     """
     L = min(sleep.window, seq)
     costs = block_costs(model, batch, L, dtype, device)
-    head = head_saved(model, batch, L, dtype, device)
     windows = math.ceil(seq / sleep.window)
     passes = (windows - 1) * sleep.passes + 1
     h_in = batch * L * model.config.d_model * torch.empty((), dtype=dtype).element_size()
     pre = sum(costs[i].saved for i in model.prelude_idx)
-    coda_head = sum(costs[i].saved for i in model.coda_idx) + head
+    coda = sum(costs[i].saved for i in model.coda_idx)
     core = [costs[i] for i in model.core_idx]
+    head_fwd = head_saved(model, batch, L, dtype, device, grad_in_forward=True)
+    last = pre + sum(c.saved for c in core) + coda + head_fwd  # the step's last window, never recomputed
     if not sleep.checkpoint:
-        return windows * (pre + coda_head) + passes * sum(c.saved for c in core), 0
+        return (windows - 1) * (pre + coda + head_fwd) + (passes - 1) * sum(c.saved for c in core) + last, 0
+    if windows == 1:
+        return last, 0
     k = getattr(sleep, "checkpoint_blocks", None)
     if k is None:
         per_pass, recompute = h_in + sum(c.state for c in core), sum(c.saved for c in core)
     else:
         per_pass = sum(h_in + c.state if n % k == 0 else c.saved for n, c in enumerate(core))
         recompute = max(c.saved for n, c in enumerate(core) if n % k == 0)
-    return windows * (pre + h_in) + passes * per_pass, max(recompute, coda_head)
+    head_rec = head_saved(model, batch, L, dtype, device, grad_in_forward=False)
+    earlier = pre + (h_in if model.coda_idx else 0) + head_rec
+    return (windows - 1) * earlier + (passes - 1) * per_pass + last, max(recompute, coda)
 
 
 def activation_bytes(model, sleep, batch: int, seq: int, dtype: torch.dtype, device="meta") -> int:
@@ -181,22 +189,26 @@ def config_precision(exp) -> str:
 
 
 def step_flops(model, costs: list[BlockCost], sleep, seq: int, tokens: int) -> tuple[float, float]:
-    """(model FLOPs, FLOPs including recomputation) of one optimizer step over ``tokens`` tokens."""
+    """(model FLOPs, FLOPs including recomputation) of one optimizer step over ``tokens`` tokens.
+    Recomputed when checkpointing: every core pass but the step's last, and the coda and the head's
+    logits of every window but the last (``activation_parts`` has the structure)."""
     cfg = model.config
     windows = math.ceil(seq / sleep.window)
     runs = ((windows - 1) * sleep.passes + 1) / windows  # core passes per window, averaged
     L = min(sleep.window, seq)
-    per_tok = 2 * cfg.d_model * cfg.vocab_size
+    head = 2 * cfg.d_model * cfg.vocab_size
+    part = {"prelude": 0.0, "core": 0.0, "coda": 0.0}
     for i, c in enumerate(costs):
-        n = runs if i in model.core_idx else 1
         attn = 0
         if model.layers[i].kind == "attn":  # QK^T and PV over ~L/2 keys on average (causal window)
             attn = 2 * 2 * cfg.attn.n_heads * cfg.attn_head_dim * (L / 2)
-        per_tok += n * (2 * c.params + attn)
-    fwd = per_tok * tokens
+        where = "core" if i in model.core_idx else "coda" if i in model.coda_idx else "prelude"
+        part[where] += 2 * c.params + attn
+    fwd = (head + part["prelude"] + runs * part["core"] + part["coda"]) * tokens
     recompute = 0.0
     if sleep.checkpoint:
-        recompute = fwd - 2 * sum(costs[i].params for i in model.prelude_idx) * tokens
+        recomputed_passes = (windows - 1) * sleep.passes / windows  # per window, averaged
+        recompute = (recomputed_passes * part["core"] + (windows - 1) / windows * (part["coda"] + head)) * tokens
     return 3 * fwd, 3 * fwd + recompute
 
 

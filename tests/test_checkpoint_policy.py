@@ -47,9 +47,30 @@ def test_every_kth_block_is_checkpointed(monkeypatch, k, expected):
     real = loop.checkpoint
     monkeypatch.setattr(loop, "checkpoint", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     model = tiny_model("GAMAGM", n_prelude=1, n_coda=1)  # 4 core blocks
-    ids = torch.randint(0, 61, (2, 8))
-    sleep_forward(model, ids, SleepConfig(window=8, checkpoint_blocks=k))  # one window, one pass
-    assert len(calls) == expected + 1  # + coda and head, always recomputed when checkpointing
+    ids = torch.randint(0, 61, (2, 16))
+    sleep_forward(model, ids, SleepConfig(window=8, checkpoint_blocks=k))  # two windows, one pass
+    # the first window: its checkpointed core blocks + its coda; the last window: nothing (backward
+    # starts with it, recomputing it would rebuild at once what it freed)
+    assert len(calls) == expected + 1
+
+
+@pytest.mark.parametrize("policy", ["pass", "blocks:1"])
+def test_the_steps_last_region_runs_once(monkeypatch, policy):
+    """With checkpointing on, every block of the last window runs its forward once per step (no
+    recompute in backward); the earlier window's core and coda blocks run twice."""
+    model = tiny_model("GAMAGM", n_prelude=1, n_coda=1)
+    runs = [0] * len(model.layers)
+    for i, blk in enumerate(model.layers):
+        # a pre-hook: torch's recompute stops early once it has what backward needs (a post-hook may not fire)
+        blk.register_forward_pre_hook(lambda *_, i=i: runs.__setitem__(i, runs[i] + 1))
+    ids = torch.randint(0, 61, (2, 16))
+    cfg = SleepConfig(window=8, **POLICIES[policy])
+    sleep_forward(model, ids, cfg).loss.backward()
+    recomputed = set(model.core_idx) | set(model.coda_idx)
+    assert runs == [2 + (i in recomputed) for i in range(len(model.layers))], runs
+    runs[:] = [0] * len(runs)
+    sleep_forward(model, ids[:, :8], cfg).loss.backward()  # one window: nothing is recomputed
+    assert runs == [1] * len(runs)
 
 
 def test_checkpoint_blocks_validated():

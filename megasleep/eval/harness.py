@@ -49,10 +49,10 @@ class CollectingRunner(SleepRunner):
     def reset(self):
         self.preds, self.ces = [], []
 
-    def wake_head_loss(self, h, caches, ctx, targets, target_mask, need_logits, n_targets):
+    def wake_head_loss(self, h, caches, ctx, targets, target_mask, need_logits, n_targets, last=False):
         want = n_targets > 0
         logits, new, wsum = super().wake_head_loss(h, caches, ctx, targets, target_mask, need_logits or want,
-                                                   n_targets)
+                                                   n_targets, last)
         if want:
             self.preds.append(logits.argmax(-1))
             ce = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), reduction="none")

@@ -15,8 +15,21 @@ from torch import Tensor, nn
 from megasleep.models.block import Block
 from megasleep.models.cache import LayerCache, MixContext, doc_resets
 from megasleep.models.config import ModelConfig
+from megasleep.ops.linear_ce import linear_cross_entropy_chunk
 
 Caches = list[LayerCache]
+
+
+class LMHead(nn.Linear):
+    """The LM head: logits, or, given targets, the masked cross-entropy sum straight from the features
+    (``linear_cross_entropy_chunk``: the ``[B, L, V]`` logits never exist in full). Both run inside
+    this module's ``forward`` so that ZeRO-3's gather hooks see the weight used."""
+
+    def forward(self, x: Tensor, targets: Tensor | None = None, mask: Tensor | None = None,
+                grad_in_forward: bool = False) -> Tensor:
+        if targets is None:
+            return super().forward(x)
+        return linear_cross_entropy_chunk(x, self.weight, targets, mask, grad_in_forward=grad_in_forward)
 
 
 class HybridLM(nn.Module):
@@ -26,7 +39,7 @@ class HybridLM(nn.Module):
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, c, i) for i, c in enumerate(cfg.pattern))
         self.norm_f = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = LMHead(cfg.d_model, cfg.vocab_size, bias=False)
         pre, core, coda = cfg.split()
         self.prelude_idx, self.core_idx, self.coda_idx = list(pre), list(core), list(coda)
         self.reset_parameters()
@@ -89,6 +102,11 @@ class HybridLM(nn.Module):
 
     def head(self, h: Tensor) -> Tensor:
         return self.lm_head(self.norm_f(h))
+
+    def head_loss(self, h: Tensor, targets: Tensor, mask: Tensor, grad_in_forward: bool = False) -> Tensor:
+        """``sum mask * CE(head(h), targets)`` (fp32 scalar) without materialising the logits; with
+        ``grad_in_forward`` the head's gradients are computed in the forward (see LMHead)."""
+        return self.lm_head(self.norm_f(h), targets, mask, grad_in_forward)
 
     def init_caches(self, batch: int, device=None, dtype=None) -> Caches:
         return [blk.init_cache(batch, device, dtype) for blk in self.layers]

@@ -85,9 +85,9 @@ class DiagnosticRunner(SleepRunner):
         self._span, self._pass = (s, e), 0
         return super().context(s, e, doc_ids, reset, device)
 
-    def core_pass(self, h, caches, ctx):
+    def core_pass(self, h, caches, ctx, last=False):
         self._pass += 1
-        h, caches = super().core_pass(h, caches, ctx)
+        h, caches = super().core_pass(h, caches, ctx, last)
         if self._recording():
             keep = self._kept()
             sq = h.double().pow(2).mean(-1)  # [B, L]

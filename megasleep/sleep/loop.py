@@ -78,18 +78,21 @@ class SleepRunner:
                                    None if doc_ids is None else doc_ids[:, s:e],
                                    None if reset is None else reset[:, s:e], self.backend, device)
 
-    def _maybe_checkpoint(self, fn, *args):
-        if self.cfg.checkpoint and torch.is_grad_enabled():
+    def _maybe_checkpoint(self, fn, *args, last: bool = False):
+        """Recompute ``fn`` in backward when checkpointing, except for the step's last region: backward
+        starts with it, so recomputing it would rebuild at once what it just freed (same peak, more work)."""
+        if self.cfg.checkpoint and torch.is_grad_enabled() and not last:
             return checkpoint(fn, *args, use_reentrant=False)
         return fn(*args)
 
-    def core_pass(self, h: Tensor, caches: Caches, ctx: MixContext) -> tuple[Tensor, Caches]:
+    def core_pass(self, h: Tensor, caches: Caches, ctx: MixContext, last: bool = False) -> tuple[Tensor, Caches]:
         """One pass of the core. Activation checkpointing (training only): the whole (window, pass)
         by default; with ``checkpoint_blocks = k`` every k-th block alone (the others keep their
-        activations: less recompute, more memory; docs/performance.md has the measurements)."""
+        activations: less recompute, more memory; docs/performance.md has the measurements). ``last``:
+        the step's last (window, pass), never recomputed (see ``_maybe_checkpoint``)."""
         idx, k = self.model.core_idx, self.cfg.checkpoint_blocks
-        if k is None or not (self.cfg.checkpoint and torch.is_grad_enabled()):
-            return self._maybe_checkpoint(lambda x: self.model.run_blocks(idx, x, caches, ctx), h)
+        if k is None or last or not (self.cfg.checkpoint and torch.is_grad_enabled()):
+            return self._maybe_checkpoint(lambda x: self.model.run_blocks(idx, x, caches, ctx), h, last=last)
         caches = list(caches)
         for n, i in enumerate(idx):
             if n % k == 0:
@@ -99,21 +102,31 @@ class SleepRunner:
                 h, caches[i] = self.model.layers[i](h, caches[i], ctx)
         return h, caches
 
-    def wake_head_loss(self, h, caches, ctx, targets, target_mask, need_logits, n_targets: int):
-        """coda + head + masked CE of one window (checkpointed: the [B, L, V] logits are the big part).
-        ``n_targets`` (the window's target count, counted on the host before the loop) decides whether
-        the head runs at all, without a device sync, also when backward recomputes this function."""
+    def wake_head_loss(self, h, caches, ctx, targets, target_mask, need_logits, n_targets: int, last: bool = False):
+        """coda + head + masked CE of one window. ``n_targets`` (the window's target count, counted on the
+        host before the loop) decides whether the head runs at all, without a device sync.
+
+        Without ``need_logits`` the head is fused with the loss (``HybridLM.head_loss``: no ``[B, L, V]``
+        logits); only the coda is checkpointed, and the head computes its gradients in the forward when
+        nothing is recomputed anyway (no checkpointing, or the step's last window, whose backward comes
+        next). With ``need_logits`` (evaluation) coda + head + CE are one checkpointed region."""
         model = self.model
+        if need_logits:
+            def fn(x):
+                x, new = model.run_blocks(model.coda_idx, x, caches, ctx)
+                logits = model.head(x)
+                ce = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), reduction="none")
+                return logits, new, (ce * target_mask.flatten()).sum()
 
-        def fn(x):
-            x, new = model.run_blocks(model.coda_idx, x, caches, ctx)
-            if not need_logits and not n_targets:
-                return None, new, x.new_zeros(())
-            logits = model.head(x)
-            ce = F.cross_entropy(upcast(logits).flatten(0, 1), targets.flatten(), reduction="none")
-            return (logits if need_logits else None), new, (ce * target_mask.flatten()).sum()
-
-        return self._maybe_checkpoint(fn, h)
+            return self._maybe_checkpoint(fn, h, last=last)
+        if model.coda_idx:
+            h, new = self._maybe_checkpoint(lambda x: model.run_blocks(model.coda_idx, x, caches, ctx), h, last=last)
+        else:
+            new = list(caches)
+        if not n_targets:
+            return None, new, upcast(h.new_zeros(()))
+        grad_in_forward = last or not self.cfg.checkpoint
+        return None, new, model.head_loss(h, targets, target_mask, grad_in_forward=grad_in_forward)
 
     def feed_back(self, h: Tensor, core_input: Tensor | None) -> Tensor:
         """What enters a sleep pass: the previous pass's features, by default unchanged (the paper's
@@ -236,10 +249,11 @@ class SleepRunner:
             h, caches = model.run_blocks(model.prelude_idx, h, caches, ctx)
             start_short = [caches[i].short_term() for i in model.core_idx]
             core_input = h
-            h, caches = self.core_pass(h, caches, ctx)
+            last = e >= T  # the last window does not sleep: its wake pass is the step's last region
+            h, caches = self.core_pass(h, caches, ctx, last=last)
             forwards += 1
             logits, caches, wsum = self.wake_head_loss(h, caches, ctx, targets[:, s:e], tmask[:, s:e],
-                                                       return_logits, counts[w])
+                                                       return_logits, counts[w], last=last)
             loss_sum = loss_sum + wsum
             wsums.append(wsum.detach())
             if logits is not None:

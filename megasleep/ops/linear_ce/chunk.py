@@ -1,0 +1,149 @@
+"""LM head + masked cross-entropy in row chunks: the ``[tokens, V]`` logits never exist in full.
+
+Per chunk of rows: ``logits = h_c W^T`` (matmul dtype), softmax statistics in fp32, loss
+``lse - logit[target]``. The gradient of CE w.r.t. the logits is ``softmax - onehot`` (times the token's
+mask), so the backward is two matmuls per chunk: ``dh_c = G W`` and ``dW += G^T h_c``. Two modes:
+
+* ``grad_in_forward=True``: the forward also computes ``dh`` and ``dW`` (3 matmuls in all, as an
+  unfused head, and no second pass over the logits); backward only scales them by the incoming
+  gradient. It keeps ``dh`` and an fp32 ``dW`` (``V x d``) alive until backward, so the sleep loop uses
+  it where backward follows at once (the step's last window) or nothing is recomputed anyway.
+* ``grad_in_forward=False``: the forward keeps only the per-row log-sum-exp; backward recomputes each
+  chunk's logits (4 matmuls in all, like a checkpointed head, but without the ``[tokens, V]`` buffers).
+
+Rows whose mask is 0 cost their matmul rows but add nothing. Under autocast the matmuls run in the
+autocast dtype, as ``F.linear`` would; gradients come back in the dtypes of ``h`` and ``W``, with
+``dW`` accumulated over chunks in fp32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .._common import compute_dtype
+from .naive import _check
+
+# elements of one chunk's logits. On a CPU a chunk that stays in cache is fastest (measured at
+# V = 8192, d = 256: 2^20-2^21 beat 2^22+); a GPU wants big matmuls (2^26: 256 MiB in fp32, small next
+# to the [tokens, V] logits it replaces). A chunk never has fewer than MIN_ROWS rows.
+DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 26}
+MIN_ROWS = 32
+
+
+def _autocast_on(dev: str) -> bool:
+    return torch.amp.is_autocast_available(dev) and torch.is_autocast_enabled(dev)
+
+
+def _no_autocast(dev: str):
+    """The explicit casts below replace autocast (``meta``, used by ``megasleep plan``, has none)."""
+    return torch.autocast(dev, enabled=False) if torch.amp.is_autocast_available(dev) else contextlib.nullcontext()
+
+
+def _matmul_dtype(h: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    dev = h.device.type
+    if _autocast_on(dev) and weight.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(h.dtype, weight.dtype)
+
+
+def _chunks(n: int, vocab: int, chunk_elements: int) -> tuple[range, int]:
+    rows = min(max(n, 1), max(MIN_ROWS, chunk_elements // max(vocab, 1)))
+    return range(0, n, rows), rows
+
+
+def _softmax_grad(logits_f: torch.Tensor, lse: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor):
+    """``(softmax - onehot(tgt)) * scale[:, None]`` in place on ``logits_f`` (fp32, a fresh buffer)."""
+    g = logits_f.sub_(lse[:, None]).exp_()
+    g[torch.arange(g.shape[0], device=g.device), tgt] -= 1.0
+    return g.mul_(scale[:, None])
+
+
+def _accumulate(dw: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
+    """``dw += g^T h`` with ``dw`` in the softmax dtype (fp32 accumulation for 16-bit matmuls)."""
+    if g.dtype == dw.dtype:
+        dw.addmm_(g.t(), h)
+    else:
+        dw += (g.t() @ h).to(dw.dtype)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h2, weight, tgt, scale, chunk_elements, grad_in_forward):
+        dt = _matmul_dtype(h2, weight)
+        n, vocab = h2.shape[0], weight.shape[0]
+        needs = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        with _no_autocast(h2.device.type):
+            hm, wm = h2.to(dt), weight.to(dt)
+            sd = compute_dtype(hm)  # softmax statistics: fp32 (fp64 for fp64 inputs)
+            total = torch.zeros((), device=h2.device, dtype=sd)
+            lse_all = torch.empty(n, device=h2.device, dtype=sd)
+            fwd_grads = needs and grad_in_forward
+            if fwd_grads:
+                dh = torch.empty(n, h2.shape[1], device=h2.device, dtype=dt)
+                dw = torch.zeros(vocab, h2.shape[1], device=h2.device, dtype=sd)
+            starts, rows = _chunks(n, vocab, chunk_elements)
+            for s in starts:
+                e = min(s + rows, n)
+                logits = hm[s:e] @ wm.t()
+                lf = logits.to(sd)  # no copy when the matmul ran in fp32 / fp64
+                t = tgt[s:e]
+                picked = lf.gather(1, t[:, None]).squeeze(1)
+                lse = torch.logsumexp(lf, dim=1)
+                lse_all[s:e] = lse
+                total += ((lse - picked) * scale[s:e]).sum()
+                if fwd_grads:
+                    # in place on the fp32 logits: logits / picked / lse are not needed any more
+                    gm = _softmax_grad(lf, lse, t, scale[s:e]).to(dt)
+                    torch.mm(gm, wm, out=dh[s:e])
+                    _accumulate(dw, gm, hm[s:e])
+        ctx.dt, ctx.grad_in_forward, ctx.chunk_elements = dt, fwd_grads, chunk_elements
+        ctx.h_dtype, ctx.w_dtype = h2.dtype, weight.dtype
+        if fwd_grads:
+            ctx.save_for_backward(dh, dw)
+        elif needs:
+            ctx.save_for_backward(h2, weight, tgt, scale, lse_all)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+            return None, None, None, None, None, None
+        if ctx.grad_in_forward:
+            dh, dw = ctx.saved_tensors
+            dh = (dh * grad_total.to(dh.dtype)).to(ctx.h_dtype)
+            dw = (dw * grad_total).to(ctx.w_dtype)
+        else:
+            h2, weight, tgt, scale, lse_all = ctx.saved_tensors
+            dt, n, vocab = ctx.dt, h2.shape[0], weight.shape[0]
+            with _no_autocast(h2.device.type):
+                hm, wm = h2.to(dt), weight.to(dt)
+                dh = torch.empty(n, h2.shape[1], device=h2.device, dtype=dt)
+                dw = torch.zeros(vocab, h2.shape[1], device=h2.device, dtype=lse_all.dtype)
+                scaled = scale * grad_total
+                starts, rows = _chunks(n, vocab, ctx.chunk_elements)
+                for s in starts:
+                    e = min(s + rows, n)
+                    lf = (hm[s:e] @ wm.t()).to(lse_all.dtype)
+                    gm = _softmax_grad(lf, lse_all[s:e], tgt[s:e], scaled[s:e]).to(dt)
+                    torch.mm(gm, wm, out=dh[s:e])
+                    _accumulate(dw, gm, hm[s:e])
+            dh, dw = dh.to(ctx.h_dtype), dw.to(ctx.w_dtype)
+        return (dh if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), \
+            None, None, None, None
+
+
+def linear_cross_entropy_chunk(h, weight, targets, mask, grad_in_forward: bool = False,
+                               chunk_elements: int | None = None):
+    """Same contract as :func:`linear_cross_entropy_naive` (fp32 scalar ``sum mask * CE``); see the
+    module docstring for ``grad_in_forward`` (ignored when no gradient is recorded)."""
+    _check(h, weight, targets, mask)
+    if chunk_elements is None:
+        chunk_elements = DEFAULT_CHUNK_ELEMENTS.get(h.device.type, DEFAULT_CHUNK_ELEMENTS["cpu"])
+    if chunk_elements < 1:
+        raise ValueError(f"linear_cross_entropy: chunk_elements must be >= 1, got {chunk_elements}")
+    h2 = h.reshape(-1, h.shape[-1])
+    scale = mask.reshape(-1).to(compute_dtype(h, weight))
+    return _LinearCrossEntropy.apply(h2, weight, targets.reshape(-1), scale, int(chunk_elements),
+                                     bool(grad_in_forward) and torch.is_grad_enabled())
