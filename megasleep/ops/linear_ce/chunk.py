@@ -26,9 +26,9 @@ from .._common import compute_dtype
 from .naive import _check
 
 # elements of one chunk's logits. On a CPU a chunk that stays in cache is fastest (measured at
-# V = 8192, d = 256: 2^20-2^21 beat 2^22+); a GPU wants big matmuls (2^26: 256 MiB in fp32, small next
-# to the [tokens, V] logits it replaces). A chunk never has fewer than MIN_ROWS rows.
-DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 21, "cuda": 1 << 26}
+# V = 8192, d = 256: 2^20 beat 2^19 and 2^21+ by 5-15%); a GPU wants big matmuls (2^26: 256 MiB in
+# fp32, small next to the [tokens, V] logits it replaces). A chunk never has fewer than MIN_ROWS rows.
+DEFAULT_CHUNK_ELEMENTS = {"cpu": 1 << 20, "cuda": 1 << 26}
 MIN_ROWS = 32
 
 
@@ -53,17 +53,32 @@ def _chunks(n: int, vocab: int, chunk_elements: int) -> tuple[range, int]:
     return range(0, n, rows), rows
 
 
-def _softmax_grad(logits_f: torch.Tensor, lse: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor):
-    """``(softmax - onehot(tgt)) * scale[:, None]`` in place on ``logits_f`` (fp32, a fresh buffer)."""
-    g = logits_f.sub_(lse[:, None]).exp_()
-    g[torch.arange(g.shape[0], device=g.device), tgt] -= 1.0
-    return g.mul_(scale[:, None])
+def _lse_(logits: torch.Tensor):
+    """Row log-sum-exp of ``logits`` (a fresh buffer, overwritten by ``exp(logits - max)``); returns
+    ``(lse, that buffer, its row sums)``: one pass fewer, and no second buffer, than ``torch.logsumexp``
+    followed by a softmax."""
+    m = logits.amax(1, keepdim=True)
+    e = logits.sub_(m).exp_()
+    total = e.sum(1, keepdim=True)
+    return (m + total.log()).squeeze(1), e, total
 
 
-def _accumulate(dw: torch.Tensor, g: torch.Tensor, h: torch.Tensor) -> None:
-    """``dw += g^T h`` with ``dw`` in the softmax dtype (fp32 accumulation for 16-bit matmuls)."""
+def _minus_onehot_(g: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``g - onehot(tgt) * scale[:, None]`` in place: the CE gradient once ``g`` is the scaled softmax."""
+    g[torch.arange(g.shape[0], device=g.device), tgt] -= scale
+    return g
+
+
+def _accumulate(dw: torch.Tensor, g: torch.Tensor, h: torch.Tensor, first: bool) -> None:
+    """``dw (+)= g^T h`` with ``dw`` in the softmax dtype (fp32 accumulation for 16-bit matmuls); the
+    first chunk writes instead of adding (no zero fill of the ``V x d`` buffer)."""
     if g.dtype == dw.dtype:
-        dw.addmm_(g.t(), h)
+        if first:
+            torch.mm(g.t(), h, out=dw)
+        else:
+            dw.addmm_(g.t(), h)
+    elif first:
+        dw.copy_(g.t() @ h)
     else:
         dw += (g.t() @ h).to(dw.dtype)
 
@@ -82,22 +97,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
             fwd_grads = needs and grad_in_forward
             if fwd_grads:
                 dh = torch.empty(n, h2.shape[1], device=h2.device, dtype=dt)
-                dw = torch.zeros(vocab, h2.shape[1], device=h2.device, dtype=sd)
+                dw = torch.empty(vocab, h2.shape[1], device=h2.device, dtype=sd)
             starts, rows = _chunks(n, vocab, chunk_elements)
             for s in starts:
                 e = min(s + rows, n)
                 logits = hm[s:e] @ wm.t()
                 lf = logits.to(sd)  # no copy when the matmul ran in fp32 / fp64
-                t = tgt[s:e]
+                t, sc = tgt[s:e], scale[s:e]
                 picked = lf.gather(1, t[:, None]).squeeze(1)
-                lse = torch.logsumexp(lf, dim=1)
+                lse, ex, rowsum = _lse_(lf)  # lf is exp(logits - max) from here on
                 lse_all[s:e] = lse
-                total += ((lse - picked) * scale[s:e]).sum()
+                total += ((lse - picked) * sc).sum()
                 if fwd_grads:
-                    # in place on the fp32 logits: logits / picked / lse are not needed any more
-                    gm = _softmax_grad(lf, lse, t, scale[s:e]).to(dt)
+                    gm = _minus_onehot_(ex.mul_(sc[:, None] / rowsum), t, sc).to(dt)
                     torch.mm(gm, wm, out=dh[s:e])
-                    _accumulate(dw, gm, hm[s:e])
+                    _accumulate(dw, gm, hm[s:e], first=s == 0)
         ctx.dt, ctx.grad_in_forward, ctx.chunk_elements = dt, fwd_grads, chunk_elements
         ctx.h_dtype, ctx.w_dtype = h2.dtype, weight.dtype
         if fwd_grads:
@@ -120,15 +134,17 @@ class _LinearCrossEntropy(torch.autograd.Function):
             with _no_autocast(h2.device.type):
                 hm, wm = h2.to(dt), weight.to(dt)
                 dh = torch.empty(n, h2.shape[1], device=h2.device, dtype=dt)
-                dw = torch.zeros(vocab, h2.shape[1], device=h2.device, dtype=lse_all.dtype)
+                dw = torch.empty(vocab, h2.shape[1], device=h2.device, dtype=lse_all.dtype)
                 scaled = scale * grad_total
                 starts, rows = _chunks(n, vocab, ctx.chunk_elements)
                 for s in starts:
                     e = min(s + rows, n)
                     lf = (hm[s:e] @ wm.t()).to(lse_all.dtype)
-                    gm = _softmax_grad(lf, lse_all[s:e], tgt[s:e], scaled[s:e]).to(dt)
+                    sc = scaled[s:e]
+                    p = lf.sub_(lse_all[s:e, None]).exp_().mul_(sc[:, None])
+                    gm = _minus_onehot_(p, tgt[s:e], sc).to(dt)
                     torch.mm(gm, wm, out=dh[s:e])
-                    _accumulate(dw, gm, hm[s:e])
+                    _accumulate(dw, gm, hm[s:e], first=s == 0)
             dh, dw = dh.to(ctx.h_dtype), dw.to(ctx.w_dtype)
         return (dh if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), \
             None, None, None, None
