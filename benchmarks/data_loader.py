@@ -12,7 +12,7 @@
    row uses the demo's own loader settings instead (0 workers: the loader runs in the training
    process, shuffle buffer 200, 32 sequences per rank);
 3. training tokens/s of the tiny model (``configs/models/tiny.yaml``, sleep_forward + backward +
-   AdamW) on batches of the same shape (the ``demo`` row: the demo's L = 24 and its deeper N = 2). megasleep.models / megasleep.sleep are imported lazily; if
+   AdamW) on batches of the same shape (the ``demo`` row: the demo's L = 24 at N = 1, the faster of its two runs). megasleep.models / megasleep.sleep are imported lazily; if
    they are not there yet the line says "model not available yet".
 """
 
@@ -40,7 +40,7 @@ def build_data(d: Path, n_task: int, n_docs: int) -> dict[str, dict]:
     from megasleep.data.tokenizer import train_tokenizer
 
     out = {"demo": {"path": str(demo.build_shards(d / "demo", n_task, 64) / "train"), "batch_size": 32,
-                    "seq_len": None, "window": 24, "passes": 2, "workers": 0, "shuffle_buffer": 200}}
+                    "seq_len": None, "window": 24, "passes": 1, "workers": 0, "shuffle_buffer": 200}}
     if not (d / "rule110" / "manifest.json").exists():
         tok = get_task("rule110").make_task_tokenizer(d / "tok")
         build_task_split("rule110", d / "rule110", "train", n_task, seed=0, difficulties="1-32", tokenizer=tok.path,
