@@ -128,8 +128,12 @@ def activation_parts(model, sleep, batch: int, seq: int, dtype: torch.dtype, dev
       ``blocks:k`` keeps the input of every k-th block and the activations of the others;
     * when checkpointing, the coda of every window but the last keeps only its input, and the fused
       head its input and log-sum-exp (recomputed in backward);
-    * the step's last window is never recomputed (backward starts with it): it keeps its core, coda
-      and head (the head's gradients, computed in its forward) as without checkpointing.
+    * the step's last window is not recomputed (backward starts with it): it keeps its coda and head
+      (the head's gradients, computed in its forward) and, under ``pass``, its whole core pass.
+
+    The second number is what backward adds on top: nothing under ``pass`` (backward frees the last
+    window's pass before it recomputes any other, and no region is larger), the largest recomputed
+    block or coda under ``blocks:k``.
     """
     L = min(sleep.window, seq)
     costs = block_costs(model, batch, L, dtype, device)
@@ -139,21 +143,25 @@ def activation_parts(model, sleep, batch: int, seq: int, dtype: torch.dtype, dev
     pre = sum(costs[i].saved for i in model.prelude_idx)
     coda = sum(costs[i].saved for i in model.coda_idx)
     core = [costs[i] for i in model.core_idx]
+    full_pass = sum(c.saved for c in core)
     head_fwd = head_saved(model, batch, L, dtype, device, grad_in_forward=True)
-    last = pre + sum(c.saved for c in core) + coda + head_fwd  # the step's last window, never recomputed
     if not sleep.checkpoint:
-        return (windows - 1) * (pre + coda + head_fwd) + (passes - 1) * sum(c.saved for c in core) + last, 0
-    if windows == 1:
-        return last, 0
+        return windows * (pre + coda + head_fwd) + passes * full_pass, 0
     k = getattr(sleep, "checkpoint_blocks", None)
     if k is None:
-        per_pass, recompute = h_in + sum(c.state for c in core), sum(c.saved for c in core)
+        per_pass, recompute, last_core = h_in + sum(c.state for c in core), full_pass, full_pass
     else:
         per_pass = sum(h_in + c.state if n % k == 0 else c.saved for n, c in enumerate(core))
         recompute = max(c.saved for n, c in enumerate(core) if n % k == 0)
+        last_core = per_pass
+    last = pre + last_core + coda + head_fwd
+    extra = 0 if k is None else recompute if windows == 1 else max(recompute, coda)
+    if windows == 1:
+        return last, extra
     head_rec = head_saved(model, batch, L, dtype, device, grad_in_forward=False)
     earlier = pre + (h_in if model.coda_idx else 0) + head_rec
-    return (windows - 1) * earlier + (passes - 1) * per_pass + last, max(recompute, coda)
+    stored = (windows - 1) * earlier + (passes - 1) * per_pass + last
+    return stored, extra
 
 
 def activation_bytes(model, sleep, batch: int, seq: int, dtype: torch.dtype, device="meta") -> int:

@@ -64,7 +64,9 @@ def test_activation_estimate_matches_a_real_cpu_step(policy, passes):
     stored, recompute = activation_parts(model, cfg, b, T, torch.float32, device="cpu")
     measured = _measured_saved(model, torch.randint(0, 61, (b, T)), cfg)
     assert abs(stored - measured) <= 0.15 * measured, (stored, measured)
-    assert recompute > 0 if policy["checkpoint"] else recompute == 0
+    # backward adds a recomputed block on top under blocks:k; under per-pass nothing (the last window's
+    # pass, freed first, is as large as any pass it recomputes); without checkpointing nothing
+    assert recompute > 0 if policy.get("checkpoint_blocks") else recompute == 0
 
 
 def test_batch_world_check_and_plan_of_a_shipped_config(tmp_path):

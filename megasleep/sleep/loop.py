@@ -89,9 +89,10 @@ class SleepRunner:
         """One pass of the core. Activation checkpointing (training only): the whole (window, pass)
         by default; with ``checkpoint_blocks = k`` every k-th block alone (the others keep their
         activations: less recompute, more memory; docs/performance.md has the measurements). ``last``:
-        the step's last (window, pass), never recomputed (see ``_maybe_checkpoint``)."""
+        the step's last (window, pass): a whole pass is not recomputed then (see ``_maybe_checkpoint``);
+        single blocks still are (keeping every block of the pass would far exceed one block's recompute)."""
         idx, k = self.model.core_idx, self.cfg.checkpoint_blocks
-        if k is None or last or not (self.cfg.checkpoint and torch.is_grad_enabled()):
+        if k is None or not (self.cfg.checkpoint and torch.is_grad_enabled()):
             return self._maybe_checkpoint(lambda x: self.model.run_blocks(idx, x, caches, ctx), h, last=last)
         caches = list(caches)
         for n, i in enumerate(idx):
