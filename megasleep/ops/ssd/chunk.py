@@ -77,8 +77,9 @@ def ssd_chunk(x, dt, A, B, C, D=None, initial_state=None, reset=None, chunk_size
     CB = Cc @ Bc.transpose(-1, -2)  # [b,c,g,Q,Q], once per group
     y_diag = (CB.unsqueeze(3) * L) @ xdt.permute(0, 1, 3, 4, 2, 5)  # intra-chunk, [b,c,g,r,Q,p]
     xw = xdt * decay_out.permute(0, 1, 4, 2, 3)[..., None]  # [b,c,Q,g,r,p]
-    states = xw.view(b, nc, q, g, rep * p).permute(0, 1, 3, 4, 2) @ Bc  # [b,c,g,(r p),n]
-    states = states.view(b, nc, g, rep, p, n)
+    # computed as (B^T [n, Q] @ xw [Q, (r p)])^T: CPU BLAS is ~3x slower on the tall [(r p), n] result
+    states = Bc.transpose(-1, -2) @ xw.view(b, nc, q, g, rep * p).transpose(2, 3)  # [b,c,g,n,(r p)]
+    states = states.transpose(-1, -2).view(b, nc, g, rep, p, n)
 
     if initial_state is None:
         S = x.new_zeros(b, g, rep, p, n, dtype=cd)
