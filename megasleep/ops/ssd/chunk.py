@@ -29,6 +29,45 @@ from .._common import apply_reset_to_logdecay, check_reset, chunk_decays, chunk_
 from .naive import _check
 
 
+class ChunkRecurrence(torch.autograd.Function):
+    """The inter-chunk recurrence ``S_{c+1} = decay_chunk[c] * S_c + states[c]`` from ``S_0``.
+
+    ``forward(states [b,c,g,r,p,n], decay_chunk [b,c,g,r], S0 [b,g,r,p,n]) -> (s_in, S_final)`` where
+    ``s_in[:, c] = S_c`` is the state entering chunk ``c``. Written into one buffer forward and
+    backward: as a Python loop under autograd it stacked the per-chunk states and, backward,
+    stacked their gradients again (two full-size copies), through a few graph nodes per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, states, decay_chunk, S0):
+        nc = states.shape[1]
+        s_in = torch.empty(states.shape, dtype=states.dtype, device=states.device)
+        dc = decay_chunk[..., None, None]
+        s_in[:, 0] = S0
+        for c in range(nc - 1):
+            torch.addcmul(states[:, c], dc[:, c], s_in[:, c], out=s_in[:, c + 1])
+        S = torch.addcmul(states[:, nc - 1], dc[:, nc - 1], s_in[:, nc - 1])
+        ctx.save_for_backward(s_in, decay_chunk)
+        return s_in, S
+
+    @staticmethod
+    def backward(ctx, g_s_in, g_S):
+        s_in, decay_chunk = ctx.saved_tensors
+        nc = s_in.shape[1]
+        dc = decay_chunk[..., None, None]
+        g_states = torch.empty_like(s_in)
+        g_dc = torch.empty_like(decay_chunk)
+        gS = torch.zeros_like(s_in[:, 0]) if g_S is None else g_S
+        for c in reversed(range(nc)):
+            # S_{c+1} = dc[c] * S_c + states[c], with S_c = s_in[:, c]
+            g_states[:, c] = gS
+            g_dc[:, c] = (gS * s_in[:, c]).sum((-2, -1))
+            gS = gS * dc[:, c]
+            if g_s_in is not None:
+                gS = gS + g_s_in[:, c]
+        return g_states, g_dc, gS
+
+
 def ssd_chunk(x, dt, A, B, C, D=None, initial_state=None, reset=None, chunk_size=64):
     """Chunked SSD; same contract as :func:`ssd_naive`. Returns ``(y in x.dtype, state fp32)``."""
     _check(x, dt, A, B, C)
@@ -82,15 +121,11 @@ def ssd_chunk(x, dt, A, B, C, D=None, initial_state=None, reset=None, chunk_size
     states = states.transpose(-1, -2).view(b, nc, g, rep, p, n)
 
     if initial_state is None:
-        S = x.new_zeros(b, g, rep, p, n, dtype=cd)
+        S0 = x.new_zeros(b, g, rep, p, n, dtype=cd)
     else:
-        S = initial_state.to(cd).reshape(b, g, rep, p, n)
-    s_in = []
-    # unbind (not indexing) so that autograd does not materialise a full zero tensor per chunk
-    for dc, st in zip(decay_chunk[..., None, None].unbind(1), states.unbind(1)):
-        s_in.append(S)
-        S = torch.addcmul(st, dc, S)
-    s_in = torch.stack(s_in, dim=1).view(b, nc, g, rep * p, n)
+        S0 = initial_state.to(cd).reshape(b, g, rep, p, n)
+    s_in, S = ChunkRecurrence.apply(states, decay_chunk, S0)
+    s_in = s_in.view(b, nc, g, rep * p, n)
 
     y_off = (Cc @ s_in.transpose(-1, -2)).view(b, nc, g, q, rep, p)  # inter-chunk, [b,c,g,Q,r,p]
     y = y_off * decay_in.permute(0, 1, 2, 4, 3)[..., None]
