@@ -16,8 +16,8 @@ and ``S_in`` is the state entering it; ``seg[i, j] = sum_{k=j+1}^{i} a_k``, ``cu
 Resets: a reset at ``r`` means no decay path crosses ``r``: ``L[i, j] = 0`` when a reset lies in
 ``(j, i]``, ``exp(cum_i) = 0`` once a reset occurred in the chunk at or before ``i``. We get these
 exact zeros from a document mask (``_common.chunk_decays``) rather than ``-inf`` log-decays; the
-segment sums are differences of a split fp64 cumsum, as exact as a masked cumsum. The tail is padded with ``dt = 0``
-(decay 1, no input), which leaves the final state unchanged.
+segment sums are differences of a split fp64 cumsum, as exact as a masked cumsum. The tail is
+padded with ``dt = 0`` (decay 1, no input), which leaves the final state unchanged.
 """
 
 from __future__ import annotations
