@@ -27,6 +27,73 @@ def rms_norm(x: Tensor, weight: Tensor | None, eps: float, group_size: int | Non
     return x.to(dtype)
 
 
+def gated_rms_norm_reference(y: Tensor, z: Tensor, weight: Tensor, eps: float, group_size: int | None = None,
+                             norm_before_gate: bool = False) -> Tensor:
+    """Plain-autograd gated RMSNorm: the reference :class:`GatedRMSNormFn` is tested against."""
+    gate = F.silu(upcast(z))
+    if norm_before_gate:
+        return (upcast(rms_norm(y, weight, eps, group_size)) * gate).to(y.dtype)
+    return rms_norm((upcast(y) * gate).to(y.dtype), weight, eps, group_size)
+
+
+class GatedRMSNormFn(torch.autograd.Function):
+    """Gated RMSNorm with a hand-written backward: a handful of passes over memory where autograd
+    records about fifteen ops (each a pass, most saving a full-size tensor).
+
+    ``norm_before_gate=False``: ``h = y * silu(z)``, ``out = h * r * w`` with ``r = rsqrt(mean_g(h^2) + eps)``
+    over each group; True: ``h = y``, ``out = h * r * w * silu(z)``. With ``hn = h * r`` and ``a`` the
+    gradient reaching ``hn``, the norm's backward is ``grad_h = r * (a - hn * mean_g(a * hn))``.
+    Arithmetic in fp32 (fp64 for fp64 inputs, see :func:`upcast`); the output is in ``y.dtype``.
+    """
+
+    @staticmethod
+    def forward(ctx, y, z, weight, eps, group_size, norm_before_gate):
+        shape = y.shape
+        gs = group_size or shape[-1]
+        cd = torch.float64 if torch.float64 in (y.dtype, z.dtype, weight.dtype) else torch.float32
+        grouped = (*shape[:-1], shape[-1] // gs, gs)
+        gate = F.silu(z.to(cd))
+        h = y.to(cd, copy=True) if norm_before_gate else y.to(cd) * gate
+        h = h.view(grouped)
+        r = torch.rsqrt(torch.linalg.vecdot(h, h).unsqueeze(-1) / gs + eps)  # [..., G, 1]
+        hn = h.mul_(r).view(shape)
+        wf = weight.to(cd)
+        out = hn * wf
+        if norm_before_gate:
+            out.mul_(gate)
+        # gate saved rather than recomputed: silu is one of the slower passes on CPU
+        ctx.save_for_backward(y, z, weight, hn, r, gate)
+        ctx.gs, ctx.norm_before_gate = gs, norm_before_gate
+        return out.to(y.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, z, weight, hn, r, gate = ctx.saved_tensors
+        gs, before = ctx.gs, ctx.norm_before_gate
+        cd = hn.dtype
+        shape, grouped = hn.shape, (*hn.shape[:-1], hn.shape[-1] // gs, gs)
+        go = grad.to(cd).reshape(shape)
+        wf = weight.to(cd)
+        g_gate = None
+        if before:
+            g_gate = go * hn
+            g_gate.mul_(wf)  # gradient reaching silu(z)
+            go = go * gate
+        buf = go * hn  # one scratch buffer, reused in place below
+        gw = buf.sum(tuple(range(buf.dim() - 1)))
+        a = torch.mul(go, wf, out=buf).view(grouped)  # gradient reaching hn
+        hn_g = hn.view(grouped)
+        dot = torch.linalg.vecdot(a, hn_g).unsqueeze(-1) / gs
+        gh = a.mul_(r).addcmul_(hn_g, dot * r, value=-1).view(shape)  # gradient reaching h
+        if before:
+            gy = gh
+        else:
+            gy = gh * gate
+            g_gate = gh.mul_(y.to(cd))
+        gz = torch.ops.aten.silu_backward(g_gate, z.to(cd))
+        return gy.to(y.dtype), gz.to(z.dtype), gw.to(weight.dtype), None, None, None
+
+
 class GatedRMSNorm(nn.Module):
     """``norm_before_gate=False`` (Mamba-2): rmsnorm(y * silu(z)); True (GDN): rmsnorm(y) * silu(z)."""
 
@@ -37,7 +104,6 @@ class GatedRMSNorm(nn.Module):
         self.eps, self.group_size, self.norm_before_gate = eps, group_size, norm_before_gate
 
     def forward(self, y: Tensor, z: Tensor) -> Tensor:
-        gate = F.silu(upcast(z))
-        if self.norm_before_gate:
-            return (upcast(rms_norm(y, self.weight, self.eps, self.group_size)) * gate).to(y.dtype)
-        return rms_norm((upcast(y) * gate).to(y.dtype), self.weight, self.eps, self.group_size)
+        if y.shape != z.shape:
+            raise ValueError(f"GatedRMSNorm: y {list(y.shape)} and gate z {list(z.shape)} must have one shape")
+        return GatedRMSNormFn.apply(y, z, self.weight, self.eps, self.group_size, self.norm_before_gate)

@@ -22,7 +22,7 @@ here two batched triangular solves -- the UT transform of the DeltaNet paper):
 and ``S <- exp(gam_{Q-1}) S + Kd_c^T U_c`` run sequentially over the T/Q chunks (O(T) in total).
 
 Resets: a reset at ``r`` means no decay path crosses ``r``. ``_common.chunk_decays`` builds
-``exp(seg)`` / ``exp(gam)`` from masked cumsums and zeroes every entry that crosses a reset with a
+``exp(seg)`` / ``exp(gam)`` from exact segment sums and zeroes every entry that crosses a reset with a
 document mask -- exact zeros, finite gradients, no ``-inf``. The tail is padded with ``g = 0,
 beta = 0, k = 0`` (no decay, no write), which leaves the final state unchanged.
 """

@@ -16,8 +16,8 @@ and ``S_in`` is the state entering it; ``seg[i, j] = sum_{k=j+1}^{i} a_k``, ``cu
 Resets: a reset at ``r`` means no decay path crosses ``r``: ``L[i, j] = 0`` when a reset lies in
 ``(j, i]``, ``exp(cum_i) = 0`` once a reset occurred in the chunk at or before ``i``. We get these
 exact zeros from a document mask (``_common.chunk_decays``) rather than ``-inf`` log-decays; the
-segment sums are masked cumsums (never differences of cumsums). The tail is padded with ``dt = 0``
-(decay 1, no input), which leaves the final state unchanged.
+segment sums are differences of a split fp64 cumsum, as exact as a masked cumsum. The tail is
+padded with ``dt = 0`` (decay 1, no input), which leaves the final state unchanged.
 """
 
 from __future__ import annotations
@@ -27,6 +27,45 @@ import torch.nn.functional as F
 
 from .._common import apply_reset_to_logdecay, check_reset, chunk_decays, chunk_doc_index, compute_dtype
 from .naive import _check
+
+
+class ChunkRecurrence(torch.autograd.Function):
+    """The inter-chunk recurrence ``S_{c+1} = decay_chunk[c] * S_c + states[c]`` from ``S_0``.
+
+    ``forward(states [b,c,g,r,p,n], decay_chunk [b,c,g,r], S0 [b,g,r,p,n]) -> (s_in, S_final)`` where
+    ``s_in[:, c] = S_c`` is the state entering chunk ``c``. Written into one buffer forward and
+    backward: as a Python loop under autograd it stacked the per-chunk states and, backward,
+    stacked their gradients again (two full-size copies), through a few graph nodes per chunk.
+    """
+
+    @staticmethod
+    def forward(ctx, states, decay_chunk, S0):
+        nc = states.shape[1]
+        s_in = torch.empty(states.shape, dtype=states.dtype, device=states.device)
+        dc = decay_chunk[..., None, None]
+        s_in[:, 0] = S0
+        for c in range(nc - 1):
+            torch.addcmul(states[:, c], dc[:, c], s_in[:, c], out=s_in[:, c + 1])
+        S = torch.addcmul(states[:, nc - 1], dc[:, nc - 1], s_in[:, nc - 1])
+        ctx.save_for_backward(s_in, decay_chunk)
+        return s_in, S
+
+    @staticmethod
+    def backward(ctx, g_s_in, g_S):
+        s_in, decay_chunk = ctx.saved_tensors
+        nc = s_in.shape[1]
+        dc = decay_chunk[..., None, None]
+        g_states = torch.empty_like(s_in)
+        g_dc = torch.empty_like(decay_chunk)
+        gS = torch.zeros_like(s_in[:, 0]) if g_S is None else g_S
+        for c in reversed(range(nc)):
+            # S_{c+1} = dc[c] * S_c + states[c], with S_c = s_in[:, c]
+            g_states[:, c] = gS
+            g_dc[:, c] = (gS * s_in[:, c]).sum((-2, -1))
+            gS = gS * dc[:, c]
+            if g_s_in is not None:
+                gS = gS + g_s_in[:, c]
+        return g_states, g_dc, gS
 
 
 def ssd_chunk(x, dt, A, B, C, D=None, initial_state=None, reset=None, chunk_size=64):
@@ -61,34 +100,37 @@ def ssd_chunk(x, dt, A, B, C, D=None, initial_state=None, reset=None, chunk_size
     if doc is not None:
         doc = doc[:, :, None, None, :]  # broadcast over [g, r]
 
-    # layouts [b, c, g, r, Q, *] (per head) and [b, c, g, 1, Q, n] (B, C: per group); made
-    # contiguous once instead of a hidden copy in every matmul that reads them
-    xdt = xdt.view(b, nc, q, g, rep, p).permute(0, 1, 3, 4, 2, 5).contiguous()
-    la = la.view(b, nc, q, g, rep).permute(0, 1, 3, 4, 2)
-    Bc = Bf.view(b, nc, q, g, n).permute(0, 1, 3, 2, 4).unsqueeze(3).contiguous()
-    Cc = Cf.view(b, nc, q, g, n).permute(0, 1, 3, 2, 4).unsqueeze(3).contiguous()
+    # Inputs stay in their natural layout [b, c, Q, g, r, p] (a view of [b, t, h, p]); B and C are
+    # [b, c, g, Q, n] (views when G = 1). Every product shared by a group's heads folds the heads
+    # into the matrix dimension ([(r p), Q] @ [Q, n]) instead of broadcasting B or C over the heads,
+    # which would copy them once per head.
+    xdt = xdt.reshape(b, nc, q, g, rep, p)
+    Bc = Bf.view(b, nc, q, g, n).transpose(2, 3)
+    Cc = Cf.view(b, nc, q, g, n).transpose(2, 3)
+    la = la.view(b, nc, q, g, rep).permute(0, 1, 3, 4, 2)  # [b,c,g,r,Q]
 
     L, decay_in = chunk_decays(la, doc)  # [b,c,g,r,Q,Q], [b,c,g,r,Q]
     decay_chunk = decay_in[..., -1]  # [b,c,g,r]
-    decay_out = L[..., -1, :]  # decay from position j to the chunk end
+    decay_out = L[..., -1, :]  # decay from position j to the chunk end, [b,c,g,r,Q]
 
-    CB = Cc @ Bc.transpose(-1, -2)  # [b,c,g,1,Q,Q], once per group
-    y = (CB * L) @ xdt  # intra-chunk, [b,c,g,r,Q,p]
-    states = (xdt * decay_out[..., None]).transpose(-1, -2) @ Bc  # [b,c,g,r,p,n]
+    CB = Cc @ Bc.transpose(-1, -2)  # [b,c,g,Q,Q], once per group
+    y_diag = (CB.unsqueeze(3) * L) @ xdt.permute(0, 1, 3, 4, 2, 5)  # intra-chunk, [b,c,g,r,Q,p]
+    xw = xdt * decay_out.permute(0, 1, 4, 2, 3)[..., None]  # [b,c,Q,g,r,p]
+    # computed as (B^T [n, Q] @ xw [Q, (r p)])^T: CPU BLAS is ~3x slower on the tall [(r p), n] result
+    states = Bc.transpose(-1, -2) @ xw.view(b, nc, q, g, rep * p).transpose(2, 3)  # [b,c,g,n,(r p)]
+    states = states.transpose(-1, -2).view(b, nc, g, rep, p, n)
 
     if initial_state is None:
-        S = x.new_zeros(b, g, rep, p, n, dtype=cd)
+        S0 = x.new_zeros(b, g, rep, p, n, dtype=cd)
     else:
-        S = initial_state.to(cd).reshape(b, g, rep, p, n)
-    s_in = []
-    # unbind (not indexing) so that autograd does not materialise a full zero tensor per chunk
-    for dc, st in zip(decay_chunk[..., None, None].unbind(1), states.unbind(1)):
-        s_in.append(S)
-        S = torch.addcmul(st, dc, S)
-    s_in = torch.stack(s_in, dim=1)  # [b,c,g,r,p,n]
+        S0 = initial_state.to(cd).reshape(b, g, rep, p, n)
+    s_in, S = ChunkRecurrence.apply(states, decay_chunk, S0)
+    s_in = s_in.view(b, nc, g, rep * p, n)
 
-    y = y + (Cc @ s_in.transpose(-1, -2)) * decay_in[..., None]
-    y = y.permute(0, 1, 4, 2, 3, 5).reshape(b, nc * q, h, p)[:, :t]
+    y_off = (Cc @ s_in.transpose(-1, -2)).view(b, nc, g, q, rep, p)  # inter-chunk, [b,c,g,Q,r,p]
+    y = y_off * decay_in.permute(0, 1, 2, 4, 3)[..., None]
+    # the sum takes y's layout, [b,c,Q,g,r,p] when G = 1: the final reshape is then free
+    y = (y.transpose(2, 3) + y_diag.permute(0, 1, 4, 2, 3, 5)).reshape(b, nc * q, h, p)[:, :t]
     if D is not None:
-        y = y + xf * D.to(cd)[:, None]
+        y = torch.addcmul(y, xf, D.to(cd)[:, None])
     return y.to(x.dtype), S.reshape(b, h, p, n)
