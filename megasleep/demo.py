@@ -36,7 +36,7 @@ from megasleep.train.config import DEFAULT_EXPERIMENT
 # (the demo shows the pipeline, not a depth result); the CPU study of sleep vs depth trains one t:
 # configs/studies/rule110-cpu.yaml, docs/results/rule110-cpu.md.
 TASK_PARAMS = {"n_strings": 1, "width": 24}
-STEPS_FULL = 600  # per N: N=1 and N=2 took 9.2 min together on the 2-core dev VM (docs/training.md)
+STEPS_FULL = 600  # per N: N=1 and N=2 take 4.4-9.2 min together on the 2-core dev VM (docs/training.md)
 DIFFICULTY = "0-3"
 CHANCE = 0.5
 FULL = dict(train_samples=40_000, val_samples=512, steps=STEPS_FULL, batch=64, budget_minutes=None)
