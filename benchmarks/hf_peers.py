@@ -94,8 +94,7 @@ def matmul_share(fn) -> float:
         fn()
     events = prof.key_averages()
     total = sum(e.self_cpu_time_total for e in events)
-    mm = sum(e.self_cpu_time_total for e in events if e.key == MATMUL_KERNELS[0] or
-             any(e.key.startswith(k) for k in MATMUL_KERNELS[1:]))
+    mm = sum(e.self_cpu_time_total for e in events if e.key.startswith(MATMUL_KERNELS))
     return mm / max(total, 1e-9)
 
 

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from megasleep.ops._common import compute_dtype
+
 
 def upcast(x: Tensor) -> Tensor:
     """At least fp32 for reductions and state math; fp64 stays fp64 (tight reference tests)."""
@@ -50,7 +52,7 @@ class GatedRMSNormFn(torch.autograd.Function):
     def forward(ctx, y, z, weight, eps, group_size, norm_before_gate):
         shape = y.shape
         gs = group_size or shape[-1]
-        cd = torch.float64 if torch.float64 in (y.dtype, z.dtype, weight.dtype) else torch.float32
+        cd = compute_dtype(y, z, weight)
         grouped = (*shape[:-1], shape[-1] // gs, gs)
         gate = F.silu(z.to(cd))
         h = y.to(cd, copy=True) if norm_before_gate else y.to(cd) * gate

@@ -63,24 +63,29 @@ def _lse_(logits: torch.Tensor):
     return (m + total.log()).squeeze(1), e, total
 
 
-def _minus_onehot_(g: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``g - onehot(tgt) * scale[:, None]`` in place: the CE gradient once ``g`` is the scaled softmax."""
-    g[torch.arange(g.shape[0], device=g.device), tgt] -= scale
-    return g
-
-
-def _accumulate(dw: torch.Tensor, g: torch.Tensor, h: torch.Tensor, first: bool) -> None:
-    """``dw (+)= g^T h`` with ``dw`` in the softmax dtype (fp32 accumulation for 16-bit matmuls); the
-    first chunk writes instead of adding (no zero fill of the ``V x d`` buffer)."""
+def _grad_chunk(p: torch.Tensor, tgt: torch.Tensor, scale: torch.Tensor, hm: torch.Tensor, wm: torch.Tensor,
+                dh: torch.Tensor, dw: torch.Tensor, first: bool) -> None:
+    """One chunk's backward, shared by both modes: ``p`` is its softmax already scaled per row (fp32,
+    overwritten), ``G = p - onehot * scale``; writes ``dh = G W`` into ``dh`` (this chunk's rows) and
+    adds ``G^T h`` to ``dw`` (the softmax dtype: fp32 accumulation for 16-bit matmuls; the first chunk
+    writes instead of adding, so ``dw`` needs no zero fill)."""
+    p[torch.arange(p.shape[0], device=p.device), tgt] -= scale
+    g = p.to(hm.dtype)
+    torch.mm(g, wm, out=dh)
     if g.dtype == dw.dtype:
         if first:
-            torch.mm(g.t(), h, out=dw)
+            torch.mm(g.t(), hm, out=dw)
         else:
-            dw.addmm_(g.t(), h)
+            dw.addmm_(g.t(), hm)
     elif first:
-        dw.copy_(g.t() @ h)
+        dw.copy_(g.t() @ hm)
     else:
-        dw += (g.t() @ h).to(dw.dtype)
+        dw += (g.t() @ hm).to(dw.dtype)
+
+
+def _grad_buffers(h2: torch.Tensor, vocab: int, matmul_dtype: torch.dtype, softmax_dtype: torch.dtype):
+    return (torch.empty(h2.shape, device=h2.device, dtype=matmul_dtype),
+            torch.empty(vocab, h2.shape[1], device=h2.device, dtype=softmax_dtype))
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -96,8 +101,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             lse_all = torch.empty(n, device=h2.device, dtype=sd)
             fwd_grads = needs and grad_in_forward
             if fwd_grads:
-                dh = torch.empty(n, h2.shape[1], device=h2.device, dtype=dt)
-                dw = torch.empty(vocab, h2.shape[1], device=h2.device, dtype=sd)
+                dh, dw = _grad_buffers(h2, vocab, dt, sd)
             starts, rows = _chunks(n, vocab, chunk_elements)
             for s in starts:
                 e = min(s + rows, n)
@@ -109,9 +113,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 lse_all[s:e] = lse
                 total += ((lse - picked) * sc).sum()
                 if fwd_grads:
-                    gm = _minus_onehot_(ex.mul_(sc[:, None] / rowsum), t, sc).to(dt)
-                    torch.mm(gm, wm, out=dh[s:e])
-                    _accumulate(dw, gm, hm[s:e], first=s == 0)
+                    _grad_chunk(ex.mul_(sc[:, None] / rowsum), t, sc, hm[s:e], wm, dh[s:e], dw, first=s == 0)
         ctx.dt, ctx.grad_in_forward, ctx.chunk_elements = dt, fwd_grads, chunk_elements
         ctx.h_dtype, ctx.w_dtype = h2.dtype, weight.dtype
         if fwd_grads:
@@ -133,8 +135,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             dt, n, vocab = ctx.dt, h2.shape[0], weight.shape[0]
             with _no_autocast(h2.device.type):
                 hm, wm = h2.to(dt), weight.to(dt)
-                dh = torch.empty(n, h2.shape[1], device=h2.device, dtype=dt)
-                dw = torch.empty(vocab, h2.shape[1], device=h2.device, dtype=lse_all.dtype)
+                dh, dw = _grad_buffers(h2, vocab, dt, lse_all.dtype)
                 scaled = scale * grad_total
                 starts, rows = _chunks(n, vocab, ctx.chunk_elements)
                 for s in starts:
@@ -142,9 +143,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
                     lf = (hm[s:e] @ wm.t()).to(lse_all.dtype)
                     sc = scaled[s:e]
                     p = lf.sub_(lse_all[s:e, None]).exp_().mul_(sc[:, None])
-                    gm = _minus_onehot_(p, tgt[s:e], sc).to(dt)
-                    torch.mm(gm, wm, out=dh[s:e])
-                    _accumulate(dw, gm, hm[s:e], first=s == 0)
+                    _grad_chunk(p, tgt[s:e], sc, hm[s:e], wm, dh[s:e], dw, first=s == 0)
             dh, dw = dh.to(ctx.h_dtype), dw.to(ctx.w_dtype)
         return (dh if ctx.needs_input_grad[0] else None), (dw if ctx.needs_input_grad[1] else None), \
             None, None, None, None
