@@ -2,13 +2,17 @@
 
 A manifest records what produced a dataset and what it holds::
 
-    {"format": "megasleep-shards", "format_version": 1, "kind": "task" | "text",
+    {"format": "megasleep-shards", "format_version": 2, "kind": "task" | "text",
      "task": "rule110", "generator": "megasleep.data.tasks.rule110", "generator_version": "1",
      "params": {...}, "seed": 0, "split": "train",
      "tokenizer": {"path", "hash", "vocab_size", "pad_id", "eos_id", "bos_id"},
      "num_samples": N, "num_tokens": N, "num_target_tokens": N, "num_samples_without_targets": N,
+     "block": {"samples": 64, "tokens": 262144},
      "shards": [{"name": "shard-000000.tar", "samples": n, "tokens": n, "targets": n, "no_target": n,
                  "bytes": n, "sha256": "..."}]}
+
+Version 2 shards hold blocks of samples (:mod:`megasleep.data.block`); version 1 shards hold one
+sample per tar key and still load. Per-shard and total counts are in samples either way.
 
 Everything that must fail *before* training starts lives here: :func:`resolve_shards` (missing
 shard, empty glob, a shard whose size differs from the manifest's, shards in the directory that the
@@ -39,7 +43,8 @@ from megasleep.data.errors import MissingShardError, ShardMismatchError, Tokeniz
 
 MANIFEST = "manifest.json"
 FORMAT = "megasleep-shards"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: block shards; 1: one sample per tar key (both read)
+READABLE_VERSIONS = (1, 2)
 _URL_RE = re.compile(r"^[a-zA-Z][a-zA-Z0-9+.-]*:")  # "pipe:", "http://", "s3://", "hf://", ...
 _SHARD_GLOBS = ("shard-*.tar", "shard-*.tar.gz")
 Verify = bool | Literal["once"]
@@ -66,6 +71,10 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
+    if "shards" in manifest and "block" not in manifest:
+        from megasleep.data.block import block_layout
+
+        manifest["block"] = block_layout()  # every writer of shards cuts its blocks this way
     path = d / MANIFEST
     atomic_write(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return path
@@ -82,6 +91,9 @@ def read_manifest(path: str | os.PathLike) -> dict:
         m = json.load(f)
     if m.get("format") != FORMAT:
         raise ValueError(f"{p}: not a megasleep manifest (format={m.get('format')!r})")
+    if m.get("format_version", 1) not in READABLE_VERSIONS:
+        raise ValueError(f"{p}: format_version {m.get('format_version')!r} is not one this megasleep reads "
+                         f"{READABLE_VERSIONS} (written by a newer version?)")
     if "splits" in m and "shards" not in m:
         raise ValueError(f"{p} indexes several splits {sorted(m['splits'])}; point at one, e.g. {p.parent / 'train'}")
     m["_path"] = str(p)
@@ -281,31 +293,28 @@ def check_manifest(m: dict, verify: Verify | None = None, max_bad_fraction: floa
 
 
 def shard_counts(path: str | os.PathLike) -> dict[str, int]:
-    """Read a shard back: samples, tokens, target tokens, and samples without any target."""
-    import io
-    import tarfile
-
+    """Read a shard back (either format): samples, tokens, target tokens, samples without any target,
+    and samples that fail validation."""
     import numpy as np
+    import webdataset as wds
 
-    counts = {"samples": 0, "tokens": 0, "targets": 0, "no_target": 0}
-    keys: set[str] = set()
-    try:
-        with tarfile.open(path, "r:*") as tf:
-            for member in tf:
-                key, _, field = member.name.rpartition("/")[2].partition(".")
-                if field not in ("input_ids.npy", "loss_mask.npy"):
-                    continue
-                keys.add(key)
-                a = np.lib.format.read_array(io.BytesIO(tf.extractfile(member).read()), allow_pickle=False)
-                if field == "input_ids.npy":
-                    counts["tokens"] += int(a.size)
-                else:
-                    n = int(a.astype(bool).sum())
-                    counts["targets"] += n
-                    counts["no_target"] += n == 0
-    except (tarfile.TarError, ValueError, OSError, EOFError) as exc:
-        raise ShardMismatchError(f"{path}: unreadable shard ({type(exc).__name__}: {exc})") from None
-    counts["samples"] = len(keys)
+    from megasleep.data.block import iter_samples
+    from megasleep.data.sample import MalformedSample
+
+    counts = {"samples": 0, "tokens": 0, "targets": 0, "no_target": 0, "bad": 0}
+
+    def handler(exn: Exception) -> bool:
+        raise ShardMismatchError(f"{path}: unreadable shard ({type(exn).__name__}: {exn})") from None
+
+    for _, s in iter_samples(wds.tarfile_to_samples(handler=handler)([{"url": str(path)}])):
+        counts["samples"] += 1
+        if isinstance(s, MalformedSample):
+            counts["bad"] += 1
+            continue
+        counts["tokens"] += int(s["input_ids"].size)
+        n = int(np.count_nonzero(s["loss_mask"]))
+        counts["targets"] += n
+        counts["no_target"] += n == 0
     return counts
 
 
@@ -324,6 +333,8 @@ def verify_dataset(path: str | os.PathLike, read_samples: bool = False) -> str:
     for sh in m["shards"]:
         got = shard_counts(base / sh["name"])
         no_target += got["no_target"]
+        if got["bad"]:
+            wrong.append(f"{sh['name']}: {got['bad']} samples fail validation")
         for key in ("samples", "tokens", "targets"):
             if key in sh and got[key] != int(sh[key]):
                 wrong.append(f"{sh['name']}: {got[key]} {key}, manifest says {sh[key]}")

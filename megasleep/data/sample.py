@@ -1,6 +1,8 @@
-"""The on-disk sample format (one WebDataset sample, readable by plain ``tar``) and its validation.
+"""The sample format, its validation, and the one-sample-per-key tar layout.
 
-A sample is four tar members sharing a key::
+Shards are written as blocks of consecutive samples (:mod:`megasleep.data.block`, what every reader
+goes through); the original layout, still read everywhere, is one WebDataset sample per sample, four
+tar members sharing a key::
 
     <key>.input_ids.npy   int32 [T]    token ids
     <key>.loss_mask.npy   uint8 [T]    1 = token t is a target predicted from tokens < t (t=0 never)
@@ -45,7 +47,7 @@ def make_sample(
     return s
 
 
-def _npy_bytes(a: np.ndarray) -> bytes:
+def npy_bytes(a: np.ndarray) -> bytes:
     buf = io.BytesIO()
     np.lib.format.write_array(buf, np.ascontiguousarray(a), allow_pickle=False)
     return buf.getvalue()
@@ -54,9 +56,9 @@ def _npy_bytes(a: np.ndarray) -> bytes:
 _HEADERS: dict[bytes, tuple[np.dtype, tuple, bool]] = {}
 
 
-def _npy_load(b: bytes) -> np.ndarray:
-    """Parse an .npy buffer (no pickles). Same result as ``np.lib.format.read_array`` but headers are
-    parsed once per distinct header (read_array's literal_eval dominated the loader's profile)."""
+def npy_header(b: bytes) -> tuple[np.dtype, tuple, bool, int]:
+    """(dtype, shape, fortran_order, payload offset) of an .npy buffer (no pickles). Headers are
+    parsed once per distinct header (``read_array``'s literal_eval dominated the loader's profile)."""
     if b[:6] != b"\x93NUMPY" or len(b) < 10:
         raise ValueError("not an .npy buffer")
     if b[6] == 1:
@@ -75,11 +77,17 @@ def _npy_load(b: bytes) -> np.ndarray:
         parsed = (dtype, tuple(d["shape"]), bool(d["fortran_order"]))
         if len(_HEADERS) < 4096:
             _HEADERS[header] = parsed
-    dtype, shape, fortran = parsed
+    return (*parsed, off + hlen)
+
+
+def npy_load(b: bytes) -> np.ndarray:
+    """Parse an .npy buffer (no pickles): the same result as ``np.lib.format.read_array``, a
+    read-only view of ``b``."""
+    dtype, shape, fortran, start = npy_header(b)
     count = int(np.prod(shape)) if shape else 1
-    if len(b) - off - hlen != count * dtype.itemsize:
-        raise ValueError(f"npy payload has {len(b) - off - hlen} bytes, header says {count * dtype.itemsize}")
-    arr = np.frombuffer(b, dtype=dtype, count=count, offset=off + hlen)
+    if len(b) - start != count * dtype.itemsize:
+        raise ValueError(f"npy payload has {len(b) - start} bytes, header says {count * dtype.itemsize}")
+    arr = np.frombuffer(b, dtype=dtype, count=count, offset=start)
     return arr.reshape(shape, order="F" if fortran else "C")
 
 
@@ -93,9 +101,9 @@ def encode_sample(sample: dict, key: str) -> dict[str, Any]:
         raise ValueError(f"sample key {key!r} must not contain '.' or '/' (webdataset splits on them)")
     return {
         "__key__": key,
-        "input_ids.npy": _npy_bytes(np.asarray(sample["input_ids"], dtype=np.int32)),
-        "loss_mask.npy": _npy_bytes(np.asarray(sample["loss_mask"], dtype=np.uint8)),
-        "doc_starts.npy": _npy_bytes(np.asarray(sample["doc_starts"], dtype=np.int32)),
+        "input_ids.npy": npy_bytes(np.asarray(sample["input_ids"], dtype=np.int32)),
+        "loss_mask.npy": npy_bytes(np.asarray(sample["loss_mask"], dtype=np.uint8)),
+        "doc_starts.npy": npy_bytes(np.asarray(sample["doc_starts"], dtype=np.int32)),
         "meta.json": meta_bytes(sample["meta"]),
     }
 
@@ -108,9 +116,9 @@ def decode_sample(raw: dict, vocab_size: int | None = None) -> dict:
         raise MalformedSample(f"sample {raw.get('__key__')!r} lacks {missing} (has {present})")
     try:
         s = {
-            "input_ids": _npy_load(raw["input_ids.npy"]),
-            "loss_mask": _npy_load(raw["loss_mask.npy"]),
-            "doc_starts": _npy_load(raw["doc_starts.npy"]),
+            "input_ids": npy_load(raw["input_ids.npy"]),
+            "loss_mask": npy_load(raw["loss_mask.npy"]),
+            "doc_starts": npy_load(raw["doc_starts.npy"]),
             "meta": json.loads(raw["meta.json"]),
         }
     except Exception as exc:  # truncated npy, bad json, pickled object arrays, ...
@@ -143,14 +151,22 @@ def validate_sample(s: dict, vocab_size: int | None = None, key: str | None = No
         bad(f"doc_starts must be a non-empty 1-D integer array, got {starts.dtype} {starts.shape}")
     if starts[0] != 0 or np.any(np.diff(starts) <= 0) or starts[-1] >= ids.size:
         bad(f"doc_starts must start at 0, increase, and stay < {ids.size}: {starts[:8].tolist()}")
+    problem = meta_problem(meta, ids.size)
+    if problem is not None:
+        bad(problem)
+
+
+def meta_problem(meta, length: int) -> str | None:
+    """What is wrong with a sample's meta (``length``: its token count), or None."""
     if not isinstance(meta, dict):
-        bad(f"meta.json must be an object, got {type(meta).__name__}")
+        return f"meta.json must be an object, got {type(meta).__name__}"
     missing = [k for k in REQUIRED_META if k not in meta]
     if missing:
-        bad(f"meta lacks {missing}")
+        return f"meta lacks {missing}"
     pos = meta["answer_positions"]
-    if not isinstance(pos, list) or any((not isinstance(p, int)) or p <= 0 or p >= ids.size for p in pos):
-        bad("meta.answer_positions must be a list of target positions in (0, T)")
+    if not isinstance(pos, list) or any((not isinstance(p, int)) or p <= 0 or p >= length for p in pos):
+        return "meta.answer_positions must be a list of target positions in (0, T)"
+    return None
 
 
 def doc_ids_from_starts(starts: np.ndarray, length: int) -> np.ndarray:

@@ -1,8 +1,9 @@
 """How a shard is written: byte-identical WebDataset tars and the per-shard counts of the manifest.
 
 What: the tar settings (``TAR_KW``: ``mtime=0``, fixed owner and mode), a gzip stream with a fixed
-header, :class:`CountingShardWriter` (``webdataset.ShardWriter`` plus the sample / token / target
-counts of every finished shard), and the small helpers the dataset builders of
+header, :class:`CountingShardWriter` (``webdataset.ShardWriter`` writing blocks of samples
+(:mod:`megasleep.data.block`), a new shard every ``shard_size`` samples, plus the sample / token /
+target counts of every finished shard), and the small helpers the dataset builders of
 :mod:`megasleep.data.shards` share (an ordered bounded pool map, the manifest's totals, progress).
 
 Contract: the same samples give the same bytes (the manifest records every shard's sha256, so a
@@ -20,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from megasleep.data.block import BlockWriter
 from megasleep.data.manifest import shard_record
-from megasleep.data.sample import encode_sample
 
 SHARD_PATTERN = "shard-%06d.tar"
 GZ_PATTERN = "shard-%06d.tar.gz"
@@ -102,12 +103,15 @@ def ordered_map(pool, fn, jobs: Iterable[tuple], window: int) -> Iterator[tuple]
 
 
 class CountingShardWriter:
-    """ShardWriter plus per-shard sample / token counts for the manifest."""
+    """ShardWriter of blocks plus per-shard sample / token counts for the manifest.
+
+    A shard holds ``shard_size`` samples (the last one fewer); blocks never span two shards."""
 
     def __init__(self, out: Path, shard_size: int, compress: bool = False):
         import webdataset as wds
 
         self.out = out
+        self.shard_size = shard_size
         self.records: list[dict] = []
         self._count = self._tokens = self._targets = self._no_target = 0
         self._gz: dict[str, GzipFile] = {}
@@ -123,8 +127,11 @@ class CountingShardWriter:
             self._finish(fname)
 
         pattern = GZ_PATTERN if compress else SHARD_PATTERN
-        self.sw = wds.ShardWriter(str(out / pattern), maxcount=shard_size, verbose=0, post=post,
+        # shards are cut here, by samples: ShardWriter's own limits would count blocks and could cut
+        # a shard while a block is still filling (its counts would then be wrong)
+        self.sw = wds.ShardWriter(str(out / pattern), maxcount=1 << 62, maxsize=float("inf"), verbose=0, post=post,
                                   opener=opener if compress else None, **TAR_KW)
+        self.blocks = BlockWriter(self.sw.write)
 
     def _finish(self, fname: str):
         if self._count:
@@ -135,13 +142,18 @@ class CountingShardWriter:
         self._count = self._tokens = self._targets = self._no_target = 0
 
     def write(self, sample: dict, key: str):
-        self.sw.write(encode_sample(sample, key))  # may close the previous shard (post) first
+        if self._count >= self.shard_size:
+            self.sw.next_stream()  # closes the full shard (post) and opens the next
+        self.blocks.add(sample, key)
         self._count += 1
         self._tokens += int(sample["input_ids"].size)
         n_targets = int(sample["loss_mask"].sum())
         self._targets += n_targets
         self._no_target += n_targets == 0
+        if self._count >= self.shard_size:
+            self.blocks.flush()  # the shard is full: its last block ends here
 
     def close(self) -> list[dict]:
+        self.blocks.flush()
         self.sw.close()
         return self.records

@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 
 from megasleep.atomic import atomic_path
+from megasleep.data.block import BlockWriter
 from megasleep.data.errors import DataError
 from megasleep.data.manifest import MANIFEST, shard_record, write_manifest
-from megasleep.data.sample import encode_sample, make_sample
+from megasleep.data.sample import make_sample
 from megasleep.data.shard_writer import (
     GZ_PATTERN,
     SHARD_PATTERN,
@@ -70,9 +71,10 @@ def _write_task_shard(job: dict) -> dict:
     with atomic_path(path) as tmp:  # a crash never leaves a torn shard under its final name
         gz = GzipFile(str(tmp)) if job.get("compress") else None
         with wds.TarWriter(gz if gz is not None else str(tmp), **TAR_KW) as w:
+            blocks = BlockWriter(w.write)
             for i in range(job["start"], job["end"]):
                 s = task.sample(job["seed"], job["split"], i, job["difficulties"], tok, **job["params"])
-                w.write(encode_sample(s, f"{job['split']}-{i:09d}"))
+                blocks.add(s, f"{job['split']}-{i:09d}")
                 tokens += int(s["input_ids"].size)
                 n_targets = int(s["loss_mask"].sum())
                 targets += n_targets
@@ -81,6 +83,7 @@ def _write_task_shard(job: dict) -> dict:
                 diff_counts[d] = diff_counts.get(d, 0) + 1
                 if job["digests"]:
                     digests.append(sample_digest(s["input_ids"]))
+            blocks.flush()
         if gz is not None:
             gz.close()
     rec = shard_record(path, job["end"] - job["start"], tokens, targets=targets, no_target=no_target)

@@ -1,9 +1,10 @@
 """The worker side of the resumable loader: one logical worker's stream of batches and its state.
 
 What: :class:`WorkerStream` reads its share of every dataset (shard list shuffled identically on all
-ranks, split by rank then by logical worker, tar reading by ``webdataset.tarfile_to_samples``), passes
-the samples through a seeded shuffle buffer, mixes the datasets by weight, decodes and validates them
-(:mod:`megasleep.data.sample`) and batches them (padding, or packing into rows of ``seq_len``).
+ranks, split by rank then by logical worker, tar reading by ``webdataset.tarfile_to_samples``), decodes
+and validates them a block at a time (:mod:`megasleep.data.block`; either shard format), passes them
+through a seeded shuffle buffer, mixes the datasets by weight and batches them (padding, or packing
+into rows of ``seq_len``).
 
 Contract: ``state()`` after a batch is plain JSON-able data (per dataset: epoch, shard position,
 samples read from the current shard, shuffle-buffer references ``(shard, index)``, counters; the mix
@@ -29,8 +30,9 @@ from typing import Any
 
 import numpy as np
 
+from megasleep.data.block import expand_raw, sample_count
 from megasleep.data.errors import BadDataError, DataError
-from megasleep.data.sample import MalformedSample, collate, decode_sample
+from megasleep.data.sample import MalformedSample, collate
 
 _MAX_NAMES = 50  # bad shard names kept in the state / error message
 
@@ -120,8 +122,10 @@ class _Source:
         if self.ctx.cfg.warn_bad:
             warnings.warn(f"bad shard {url}: {why} (skipped)", stacklevel=3)
 
-    def _read(self, shards: list[str]) -> Iterator[tuple[list[int], dict]]:
-        st = self.st
+    def _read(self, shards: list[str]) -> Iterator[tuple[list[int], tuple]]:
+        """``([shard position, sample index in the shard], (key, url, sample or MalformedSample))`` from
+        the state's position on; blocks before that position are skipped without being decoded."""
+        st, vocab = self.st, self.ctx.vocab_size
         for p in range(st["shard_pos"], len(shards)):
             url = shards[p]
             start = st["sample_pos"] if p == st["shard_pos"] else 0
@@ -129,11 +133,17 @@ class _Source:
             if start == 0:
                 self.stats["opened"] += 1
             errors: list[str] = []
-            n = start
-            for raw in itertools.islice(self._open(url, errors), start, None):
-                n += 1
-                st["sample_pos"] = n
-                yield [p, n - 1], raw
+            n = 0  # samples of this shard read so far (skipped ones included)
+            for raw in self._open(url, errors):
+                k = sample_count(raw)
+                if n + k <= start:
+                    n += k
+                    continue
+                items = expand_raw(raw, vocab)
+                for i in range(max(0, start - n), k):
+                    st["sample_pos"] = n + i + 1
+                    yield [p, n + i], (items[i][0], url, items[i][1])
+                n += k
             # one verdict per shard: unreadable, empty, or shorter than its manifest entry
             expected = self.counts.get(url) if self.counts else None
             if errors:
@@ -144,18 +154,23 @@ class _Source:
                 self._bad_shard(url, f"{n} samples, manifest says {expected} (truncated?)")
             st["shard_pos"], st["sample_pos"] = p + 1, 0
 
-    def _restore(self, shards: list[str], refs: list[list[int]]) -> list[dict]:
-        """Re-read the samples the shuffle buffer held at the checkpoint."""
+    def _restore(self, shards: list[str], refs: list[list[int]]) -> list[tuple]:
+        """Re-read the samples the shuffle buffer held at the checkpoint (decoding only their blocks)."""
         want: dict[int, set[int]] = {}
         for p, i in refs:
             want.setdefault(p, set()).add(i)
-        got: dict[tuple[int, int], dict] = {}
+        got: dict[tuple[int, int], tuple] = {}
         for p, idxs in want.items():
-            last = max(idxs)
-            for i, raw in enumerate(self._open(shards[p])):
-                if i in idxs:
-                    got[(p, i)] = raw
-                if i >= last:
+            last, n = max(idxs), 0
+            for raw in self._open(shards[p]):
+                k = sample_count(raw)
+                hits = [i for i in range(n, n + k) if i in idxs]
+                if hits:
+                    items = expand_raw(raw, self.ctx.vocab_size)
+                    for i in hits:
+                        got[(p, i)] = (items[i - n][0], shards[p], items[i - n][1])
+                n += k
+                if n > last:
                     break
         missing = [r for r in refs if tuple(r) not in got]
         if missing:
@@ -163,8 +178,8 @@ class _Source:
                             f"(missing buffered samples {missing[:4]} in {shards[missing[0][0]]})")
         return [got[tuple(r)] for r in refs]
 
-    def samples(self) -> Iterator[tuple[dict, int]]:
-        """Yield (raw sample, epoch) in shuffled order; ``self.st`` always describes the position
+    def samples(self) -> Iterator[tuple[tuple, int]]:
+        """Yield ((key, url, sample or MalformedSample), epoch) in shuffled order; ``self.st`` always describes the position
         right after the last yielded sample."""
         cfg, st = self.ctx.cfg, self.st
         size = max(1, cfg.shuffle_buffer)
@@ -181,12 +196,12 @@ class _Source:
             while True:
                 while more and len(buf) < size:
                     try:
-                        ref, raw = next(reader)
+                        ref, item = next(reader)
                     except StopIteration:
                         more = False
                         break
                     refs.append(ref)
-                    buf.append(raw)
+                    buf.append(item)
                 if not buf:
                     break
                 j = _rand_u64(cfg.seed, _SHUFFLE, self.ctx.rank, self.worker, self.idx, epoch, st["picks"]) % len(buf)
@@ -246,26 +261,25 @@ class WorkerStream:
                 i = int(np.searchsorted(np.cumsum(w) / w.sum(), u, side="right"))
                 i = min(i, len(gens) - 1)
             try:
-                raw, epoch = next(gens[i])
+                (key, url, s), epoch = next(gens[i])
             except StopIteration:
                 active[i] = False
                 continue
             src = self.sources[i]
             self.stats["samples"] += 1
-            try:
-                s = decode_sample(raw, self.ctx.vocab_size)
-                if not cfg.pack and cfg.seq_len is not None and s["input_ids"].size > cfg.seq_len:
-                    raise MalformedSample(f"sample {raw.get('__key__')!r} has {s['input_ids'].size} tokens "
-                                          f"> seq_len={cfg.seq_len} (set pack=True or a larger seq_len)")
-            except MalformedSample as exc:
+            if not isinstance(s, MalformedSample) and not cfg.pack and cfg.seq_len is not None \
+                    and s["input_ids"].size > cfg.seq_len:
+                s = MalformedSample(f"sample {key!r} has {s['input_ids'].size} tokens > seq_len={cfg.seq_len} "
+                                    "(set pack=True or a larger seq_len)")
+            if isinstance(s, MalformedSample):
                 self.stats["bad_samples"] += 1
-                _note(self.stats, "bad_examples", f"{raw.get('__url__')}: {exc}"[:300])
-                _note(self.stats, "bad_shard_names", str(raw.get("__url__")))
+                _note(self.stats, "bad_examples", f"{url}: {s}"[:300])
+                _note(self.stats, "bad_shard_names", str(url))
                 if cfg.warn_bad:
-                    warnings.warn(f"bad sample in {raw.get('__url__')}: {exc} (skipped)", stacklevel=2)
+                    warnings.warn(f"bad sample in {url}: {s} (skipped)", stacklevel=2)
                 continue
             src.st["good"] += 1
-            s["meta"].update(_key=raw["__key__"], _url=raw.get("__url__"), _epoch=epoch, _dataset=src.name)
+            s["meta"].update(_key=key, _url=url, _epoch=epoch, _dataset=src.name)
             yield s
 
     def batches(self) -> Iterator[tuple[dict | None, dict]]:

@@ -30,14 +30,16 @@ class EvalData:
 
 
 def iter_shard(url: str, vocab_size: int | None = None) -> Iterator[dict]:
-    """Decoded samples of one tar shard (a path or any URL webdataset's ``gopen`` reads), in file
-    order; members are grouped into samples by ``webdataset.tarfile_to_samples``."""
-    import webdataset as wds
+    """Decoded samples of one tar shard (a path or any URL webdataset's ``gopen`` reads; either shard
+    format, :mod:`megasleep.data.block`), in file order. A malformed sample raises
+    :class:`~megasleep.data.sample.MalformedSample` naming the shard and the sample."""
+    from megasleep.data.block import read_shard
+    from megasleep.data.sample import MalformedSample
 
-    from megasleep.data.sample import decode_sample
-
-    for raw in wds.tarfile_to_samples()([{"url": str(url)}]):
-        yield decode_sample(raw, vocab_size)
+    for _, s in read_shard(url, vocab_size):
+        if isinstance(s, MalformedSample):
+            raise MalformedSample(f"{url}: {s}")
+        yield s
 
 
 def read_shards(spec, max_examples: int | None = None, vocab_size: int | None = None) -> tuple[list[dict], dict | None, list[str]]:

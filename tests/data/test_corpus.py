@@ -82,7 +82,8 @@ def test_parquet_and_datasets_files(tmp_path):
 
 def test_long_document_reaches_the_shards_whole_with_its_boundaries(tmp_path, mixed):
     """A document of many sequences: packed, its tokens in order across sequences, one start recorded."""
-    from megasleep.data.sample import decode_sample
+    from megasleep.data.block import read_shard
+    from megasleep.data.sample import MalformedSample
     from megasleep.data.shards import build_text_dataset
     from megasleep.data.tokenizer import train_tokenizer
 
@@ -91,10 +92,8 @@ def test_long_document_reaches_the_shards_whole_with_its_boundaries(tmp_path, mi
     T = 256
     assert len(want) > 4 * T
     m = build_text_dataset(mixed / "src" / "long.py", tmp_path / "shards", tok.path, T, progress=False)
-    import webdataset as wds
-
-    samples = [decode_sample(s) for s in wds.WebDataset(str(tmp_path / "shards" / m["shards"][0]["name"]),
-                                                       shardshuffle=False)]
+    samples = [s for _, s in read_shard(tmp_path / "shards" / m["shards"][0]["name"])]
+    assert not any(isinstance(s, MalformedSample) for s in samples)
     ids = np.concatenate([s["input_ids"] for s in samples]).tolist()
     assert ids == want and tok.decode(ids[1:-1]) == LONG
     assert all(len(s["input_ids"]) == T for s in samples[:-1])

@@ -18,6 +18,7 @@ import torch
 from megasleep.data.errors import BadDataError, MissingShardError, TokenizerMismatchError
 from megasleep.data.loader import build_loader
 from megasleep.data.manifest import check_tokenizer_hash, read_manifest
+from tests.data.shard_tools import all_keys, shard_samples, write_shard
 
 
 def run(loader, limit=None):
@@ -34,15 +35,6 @@ def run(loader, limit=None):
 def same(a, b) -> bool:
     return len(a) == len(b) and all(x[0] == y[0] and all(torch.equal(p, q) for p, q in zip(x[1:], y[1:]))
                                     for x, y in zip(a, b))
-
-
-def all_keys(directory) -> list[str]:
-    m = read_manifest(directory)
-    keys = []
-    for sh in m["shards"]:
-        with tarfile.open(f"{m['_dir']}/{sh['name']}") as tf:
-            keys += sorted({n.split(".")[0] for n in tf.getnames()})
-    return keys
 
 
 # ---------------------------------------------------------------------------------------------- coverage
@@ -220,16 +212,13 @@ def damaged(tmp_path, r110_data):
              lambda n, b: (n.replace("input_ids.npy", "tokens.npy"), b))
     (d / "shard-000004.tar").write_bytes(b"")  # empty file
 
-    def bad_mask(name, b):  # one sample with loss_mask[0] = 1
-        if name == "train-000000205.loss_mask.npy":
-            a = np.lib.format.read_array(io.BytesIO(b))
-            a[0] = 1
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, a)
-            return name, buf.getvalue()
-        return name, b
-
-    _rewrite(r110_data[0] / "train/shard-000005.tar", d / "shard-000005.tar", bad_mask)
+    samples = shard_samples(r110_data[0] / "train/shard-000005.tar")  # one block of 40
+    bad = samples[5][1]
+    assert samples[5][0] == "train-000000205"
+    bad["loss_mask"] = bad["loss_mask"].copy()
+    bad["loss_mask"][0] = 1  # sample 5 of the block: loss_mask[0] = 1
+    write_shard(d / "shard-000005.tar", samples)
+    assert (d / "shard-000005.tar").stat().st_size == (r110_data[0] / "train/shard-000005.tar").stat().st_size
     return d
 
 

@@ -11,22 +11,30 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from megasleep.data.block import BLOCK_FIELDS, expand_raw
 from megasleep.data.errors import DataError, MissingShardError
 from megasleep.data.manifest import read_manifest, sha256_file
-from megasleep.data.sample import decode_sample
+from megasleep.data.sample import MalformedSample
 from megasleep.data.shards import build_task_dataset, build_task_split, build_text_dataset
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def read_tar(path) -> list[dict]:
-    """Samples of a shard with the standard library only (plain tar, no webdataset)."""
+    """Raw tar samples (blocks) of a shard with the standard library only (plain tar, no webdataset)."""
     out: dict[str, dict] = {}
     with tarfile.open(path) as tf:
         for m in tf.getmembers():
             key, field = m.name.split(".", 1)
             out.setdefault(key, {"__key__": key})[field] = tf.extractfile(m).read()
     return list(out.values())
+
+
+def decoded(path, vocab_size=None) -> list[dict]:
+    """The validated samples of a shard read by :func:`read_tar` (fails on a malformed one)."""
+    items = [it for raw in read_tar(path) for it in expand_raw(raw, vocab_size)]
+    assert not [s for _, s in items if isinstance(s, MalformedSample)]
+    return [s for _, s in items]
 
 
 def test_same_seed_byte_identical_shards(tmp_path, r110_tok, r110_data):
@@ -53,7 +61,7 @@ def test_compressed_shards_identical_and_loadable(tmp_path, r110_tok):
     assert [s["sha256"] for s in a["shards"]] == [s["sha256"] for s in b["shards"]]
     listing = subprocess.run(["tar", "tzf", str(tmp_path / "a" / "shard-000000.tar.gz")], capture_output=True,
                              text=True, check=True).stdout.split()
-    assert len(listing) == 40 and listing[1] == "train-000000000.input_ids.npy"
+    assert listing == [f"train-{k:09d}.{f}" for k in (0,) for f in sorted(BLOCK_FIELDS)]  # one block of 10
     plain = build_task_split("rule110", tmp_path / "p", "train", **{**kw, "compress": False})
     assert sum(s["bytes"] for s in a["shards"]) * 4 < sum(s["bytes"] for s in plain["shards"])
     keys = lambda d: sorted(m["_key"] for bt in build_loader({"datasets": [str(d)], "num_workers": 0,  # noqa: E731
@@ -84,8 +92,8 @@ def test_splits_share_no_sample(r110_data):
     seen = {}
     for split in ("train", "val", "test"):
         for shard in sorted((out / split).glob("*.tar")):
-            for raw in read_tar(shard):
-                digest = raw["input_ids.npy"]
+            for s in decoded(shard):
+                digest = s["input_ids"].tobytes()
                 assert digest not in seen, f"{split} repeats a sample of {seen.get(digest)}"
                 seen[digest] = split
     assert len(seen) == 440
@@ -102,15 +110,19 @@ def test_plain_tar_and_sample_format(r110_data):
     out, _ = r110_data
     shard = out / "train" / "shard-000000.tar"
     listing = subprocess.run(["tar", "tf", str(shard)], capture_output=True, text=True, check=True).stdout.split()
-    assert listing[:4] == ["train-000000000.doc_starts.npy", "train-000000000.input_ids.npy",
-                           "train-000000000.loss_mask.npy", "train-000000000.meta.json"]
-    raw = read_tar(shard)[0]
+    assert listing == ["train-000000000.doc_starts.npy", "train-000000000.input_ids.npy",
+                       "train-000000000.lengths.npy", "train-000000000.loss_mask.npy", "train-000000000.meta.json"]
+    raw = read_tar(shard)[0]  # the shard's 40 samples are one block (K = 64 > 40)
     ids = np.load(__import__("io").BytesIO(raw["input_ids.npy"]))
-    assert ids.dtype == np.int32 and ids.shape == (101,)
-    s = decode_sample(raw)
-    assert s["loss_mask"].dtype == np.uint8 and s["doc_starts"].tolist() == [0]
-    meta = json.loads(raw["meta.json"])
-    assert {"task", "difficulty", "answer", "answer_positions", "split", "index", "seed", "version"} <= set(meta)
+    lengths = np.load(__import__("io").BytesIO(raw["lengths.npy"]))
+    assert ids.dtype == np.int32 and ids.shape == (40 * 101,)
+    assert lengths.dtype == np.int64 and lengths.tolist() == [[101, 1]] * 40
+    samples = decoded(shard)
+    assert len(samples) == 40 and all(s["input_ids"].shape == (101,) for s in samples)
+    assert samples[3]["loss_mask"].dtype == np.uint8 and samples[3]["doc_starts"].tolist() == [0]
+    head = json.loads(raw["meta.json"])
+    assert head["keys"] == [f"train-{i:09d}" for i in range(40)]
+    assert {"task", "difficulty", "answer", "answer_positions", "split", "index", "seed", "version"} <= set(head["meta"][0])
 
 
 @pytest.mark.parametrize("mode", ["pack", "cut"])
@@ -123,7 +135,7 @@ def test_text_shards(tmp_path, text_corpus, text_tok, mode):
     docs = [json.loads(line)["body"] for line in (text_corpus / "a.jsonl").read_text().splitlines()]
     docs += [p for p in (text_corpus / "b.txt").read_text().split("\n\n") if p.strip()]
     want = [[text_tok.bos_id, *text_tok.encode(d), text_tok.eos_id] for d in docs]
-    samples = [decode_sample(r, text_tok.vocab_size) for sh in m["shards"] for r in read_tar(tmp_path / mode / sh["name"])]
+    samples = [s for sh in m["shards"] for s in decoded(tmp_path / mode / sh["name"], text_tok.vocab_size)]
     assert m["documents"] == len(docs) == 65 and m["num_samples"] == len(samples)
     assert m["num_tokens"] == sum(len(w) for w in want)
     for s in samples:
