@@ -46,6 +46,20 @@ def _rand_u64(*keys: int) -> int:
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
 
 
+class _RandStream:
+    """``_rand_u64(*prefix, counter)`` with the prefix hashed once (blake2b is incremental: hashing the
+    prefix then the counter is hashing their concatenation), for the per-sample decisions."""
+
+    def __init__(self, *prefix: int):
+        self._head = hashlib.blake2b(struct.pack(f"<{len(prefix)}q", *[int(k) & 0x7FFFFFFFFFFFFFFF for k in prefix]),
+                                     digest_size=8)
+
+    def __call__(self, counter: int) -> int:
+        h = self._head.copy()
+        h.update((counter & 0x7FFFFFFFFFFFFFFF).to_bytes(8, "little"))
+        return int.from_bytes(h.digest(), "little")
+
+
 _SHUFFLE, _MIX, _SHARDS = 1, 2, 3
 
 
@@ -189,6 +203,7 @@ class _Source:
             if not st["started"]:
                 st["started"] = True
                 self.stats["assigned"] += len(shards)
+            pick = _RandStream(cfg.seed, _SHUFFLE, self.ctx.rank, self.worker, self.idx, epoch)
             refs: list[list[int]] = st["buffer"]
             buf = self._restore(shards, refs) if refs else []
             reader = self._read(shards)
@@ -204,7 +219,7 @@ class _Source:
                     buf.append(item)
                 if not buf:
                     break
-                j = _rand_u64(cfg.seed, _SHUFFLE, self.ctx.rank, self.worker, self.idx, epoch, st["picks"]) % len(buf)
+                j = pick(st["picks"]) % len(buf)
                 st["picks"] += 1
                 buf[j], buf[-1] = buf[-1], buf[j]
                 refs[j], refs[-1] = refs[-1], refs[j]
@@ -251,12 +266,13 @@ class WorkerStream:
         gens = [s.samples() for s in self.sources]
         active = [not s.st["done"] for s in self.sources]
         weights = np.array([s["weight"] for s in self.ctx.sources], dtype=np.float64)
+        mix = _RandStream(cfg.seed, _MIX, self.ctx.rank, self.worker)
         while any(active):
             if len(gens) == 1:
                 i = 0
             else:
                 w = np.where(active, weights, 0.0)
-                u = _rand_u64(cfg.seed, _MIX, self.ctx.rank, self.worker, self.mix_picks) / 2.0**64
+                u = mix(self.mix_picks) / 2.0**64
                 self.mix_picks += 1
                 i = int(np.searchsorted(np.cumsum(w) / w.sum(), u, side="right"))
                 i = min(i, len(gens) - 1)

@@ -300,3 +300,51 @@ def test_truncated_shard_keeps_whole_blocks_and_counts_the_rest(k16, tmp_path):
     assert got3 == [f"train-{i:09d}" for i in range(120, 136)]
     assert stats["bad_shards"] == 1 and stats["bad_shard_names"][0].endswith("shard-000003.tar")
     assert [k for k, _ in read_shard(d / "shard-000004.tar")][:1] == ["train-000000160"]  # the next shard is whole
+
+
+# ------------------------------------------------------------------------------------------------ hot path
+def test_rand_stream_equals_the_hash_it_replaces():
+    """The shuffle / mix decisions must stay the same function of (seed, stream, counter): the data
+    order (and the golden losses) depend on it."""
+    rng = np.random.default_rng(2)
+    for _ in range(200):
+        prefix = [int(x) for x in rng.integers(-2**62, 2**62, int(rng.integers(1, 7)))]
+        stream = worker_stream._RandStream(*prefix)
+        for c in (0, 1, int(rng.integers(0, 2**62))):
+            assert stream(c) == worker_stream._rand_u64(*prefix, c)
+
+
+def _collate_reference(samples, pad_id=0, seq_len=None):
+    """The per-row collator the vectorised one replaced."""
+    from megasleep.data.sample import doc_ids_from_starts
+
+    lens = [int(np.asarray(s["input_ids"]).shape[0]) for s in samples]
+    T = seq_len if seq_len is not None else max(lens)
+    B = len(samples)
+    ids = np.full((B, T), pad_id, dtype=np.int64)
+    mask = np.zeros((B, T), dtype=np.bool_)
+    docs = np.zeros((B, T), dtype=np.int64)
+    for b, (s, n) in enumerate(zip(samples, lens)):
+        ids[b, :n] = s["input_ids"]
+        mask[b, :n] = np.asarray(s["loss_mask"]).astype(np.bool_)
+        d = doc_ids_from_starts(np.asarray(s.get("doc_starts", [0])), n)
+        docs[b, :n] = d
+        docs[b, n:] = d[-1] + 1
+    return {"input_ids": ids, "loss_mask": mask, "doc_ids": docs, "meta": [s["meta"] for s in samples]}
+
+
+def test_collate_equals_the_per_row_reference():
+    from megasleep.data.sample import collate
+
+    rng = np.random.default_rng(3)
+    for trial in range(200):
+        samples, _ = _random_block(rng, int(rng.integers(1, 9)))
+        if trial % 3 == 0:  # lists, as a packed row's leftover carries them
+            samples = [{**s, "input_ids": s["input_ids"].tolist(), "doc_starts": s["doc_starts"].tolist()} for s in samples]
+        if trial % 5 == 0:
+            del samples[0]["doc_starts"]
+        seq_len = None if trial % 2 else 12
+        got, want = collate(samples, 7, seq_len), _collate_reference(samples, 7, seq_len)
+        for k in ("input_ids", "loss_mask", "doc_ids"):
+            assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), (trial, k)
+        assert got["meta"] == want["meta"]
