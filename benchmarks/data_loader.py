@@ -14,6 +14,8 @@
 3. training tokens/s of the tiny model (``configs/models/tiny.yaml``, sleep_forward + backward +
    AdamW) on batches of the same shape (the ``demo`` row: the demo's L = 24 at N = 1, the faster of its two runs). megasleep.models / megasleep.sleep are imported lazily; if
    they are not there yet the line says "model not available yet".
+4. for the ``demo`` row, the loader's cost per sample split into tar reading, decoding + validation
+   and the whole loader (0 workers, the demo's settings).
 """
 
 from __future__ import annotations
@@ -83,6 +85,29 @@ def loader_tokens_per_s(spec: dict, workers: int, seconds: float) -> dict:
     del it
     return {"tokens_per_s": tokens / dt, "batches": batches, "batch_shape": list(b["input_ids"].shape),
             "seconds": dt, "workers": spec.get("workers", workers)}
+
+
+def per_sample_split(spec: dict, seconds: float) -> dict:
+    """Microseconds per sample of the loader's parts on one dataset, in one process: webdataset's tar
+    reading over (up to) three shards, decoding + validation of the same samples, the whole loader
+    with the spec's settings."""
+    import webdataset as wds
+
+    from megasleep.data.block import iter_samples, sample_count
+    from megasleep.data.manifest import resolve_shards
+
+    urls, _ = resolve_shards(spec["path"])
+    t = time.perf_counter()
+    raws = [r for u in urls[:3] for r in wds.tarfile_to_samples()([{"url": u}])]
+    tar_s = time.perf_counter() - t
+    n = sum(sample_count(r) for r in raws)
+    t = time.perf_counter()
+    for _ in iter_samples(raws):
+        pass
+    decode_s = time.perf_counter() - t
+    whole = loader_tokens_per_s(spec, 0, seconds)
+    return {"tar_us": tar_s / n * 1e6, "decode_us": decode_s / n * 1e6, "tar_keys": len(raws), "samples": n,
+            "loader_us": whole["seconds"] / (whole["batches"] * spec["batch_size"]) * 1e6}
 
 
 def model_tokens_per_s(spec: dict, steps: int) -> dict:
@@ -159,6 +184,12 @@ def main():
         else:
             line += f" | model not available yet ({mo['reason']})"
         print(line, flush=True)
+        if name == "demo":
+            sp = per_sample_split(spec, min(a.seconds, 4.0))
+            results[name]["per_sample"] = sp
+            print(f"# demo per sample: tar reading {sp['tar_us']:.1f} us ({sp['samples']} samples in {sp['tar_keys']} "
+                  f"tar keys), decode + validate {sp['decode_us']:.1f} us, whole loader {sp['loader_us']:.1f} us",
+                  flush=True)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps(results, indent=1))
