@@ -303,8 +303,11 @@ def shard_counts(path: str | os.PathLike) -> dict[str, int]:
 
     counts = {"samples": 0, "tokens": 0, "targets": 0, "no_target": 0, "bad": 0}
 
-    def handler(exn: Exception) -> bool:
-        raise ShardMismatchError(f"{path}: unreadable shard ({type(exn).__name__}: {exn})") from None
+    def handler(exn: Exception) -> bool:  # webdataset appends (stream, url) to the exception's args
+        why = exn.args[0] if exn.args else exn
+        if isinstance(exn, ShardMismatchError):  # raised here once, passed through an outer layer
+            raise ShardMismatchError(why) from None
+        raise ShardMismatchError(f"{path}: unreadable shard ({type(exn).__name__}: {why})") from None
 
     for _, s in iter_samples(wds.tarfile_to_samples(handler=handler)([{"url": str(path)}])):
         counts["samples"] += 1

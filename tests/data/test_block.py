@@ -348,3 +348,25 @@ def test_collate_equals_the_per_row_reference():
         for k in ("input_ids", "loss_mask", "doc_ids"):
             assert got[k].dtype == want[k].dtype and np.array_equal(got[k], want[k]), (trial, k)
         assert got["meta"] == want["meta"]
+
+
+def test_verify_reads_blocks_names_bad_samples_and_truncated_shards(k16, tmp_path, monkeypatch):
+    from megasleep.data.errors import ShardMismatchError
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+    def edit(key, s):
+        return {**s, "input_ids": s["input_ids"] * 0 - 1} if key == "train-000000003" else s
+
+    bad = rewrite_dataset(k16, tmp_path / "bad", block_samples=16, edit=edit, shards=[0])
+    with pytest.raises(ShardMismatchError, match=r"shard-000000\.tar: 1 samples fail validation"):
+        verify_dataset(bad, read_samples=True)
+    cut = rewrite_dataset(k16, tmp_path / "cut", block_samples=16, shards=[])
+    data = (cut / "shard-000001.tar").read_bytes()
+    (cut / "shard-000001.tar").write_bytes(data[: len(data) // 3])  # inside a member: tarfile fails
+    with pytest.raises(ShardMismatchError) as e:
+        shard_counts(cut / "shard-000001.tar")
+    msg = str(e.value)
+    assert msg.count("unreadable shard") == 1 and "shard-000001.tar" in msg and "\n" not in msg
+    (cut / "shard-000001.tar").write_bytes(data[: len(data) // 2])  # at a member boundary: reads as short
+    assert shard_counts(cut / "shard-000001.tar")["samples"] < 40
