@@ -37,7 +37,6 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from megasleep.data.sample import (
-    FIELDS,
     MalformedSample,
     decode_sample,
     meta_bytes,
@@ -140,7 +139,8 @@ def sample_count(raw: dict) -> int:
 
 def expand_raw(raw: dict, vocab_size: int | None = None) -> list[Item]:
     """One raw tar sample (either format) -> ``[(key, sample or MalformedSample)]``, one entry per
-    contained sample (``len == sample_count(raw)``), in order."""
+    contained sample (``len == sample_count(raw)``), in order. The samples of a block that is bad as
+    a whole are named ``<block key>+<i>`` (their own keys may be unreadable)."""
     key = raw.get("__key__")
     if not is_block(raw):
         try:
@@ -248,5 +248,5 @@ def _flag(ids, mask, starts, T, D, tok_off, doc_off, metas, vocab_size) -> np.nd
     return flagged
 
 
-__all__ = ["BLOCK_FIELDS", "BLOCK_SAMPLES", "BLOCK_TOKENS", "FIELDS", "BlockWriter", "block_layout", "encode_block",
+__all__ = ["BLOCK_FIELDS", "BLOCK_SAMPLES", "BLOCK_TOKENS", "BlockWriter", "block_layout", "encode_block",
            "expand_raw", "is_block", "iter_samples", "read_shard", "sample_count"]
