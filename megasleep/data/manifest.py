@@ -324,8 +324,8 @@ def shard_counts(path: str | os.PathLike) -> dict[str, int]:
 def verify_dataset(path: str | os.PathLike, read_samples: bool = False) -> str:
     """Full check of one dataset (``megasleep data verify``): :func:`check_manifest` with sha256, and with
     ``read_samples`` every sample read back: per-shard sample / token / target counts against the
-    manifest, every sample validated, and samples without a training target counted. Raises :class:`ShardMismatchError`;
-    returns a one-line summary."""
+    manifest, every sample validated, and samples without a training target counted. Raises
+    :class:`ShardMismatchError`; returns a one-line summary."""
     m = read_manifest(path)
     check_manifest(m, verify=True)
     summary = f"{m['_path']}: {len(m['shards'])} shards, {m.get('num_samples')} samples: sizes and sha256 match"
