@@ -63,12 +63,15 @@ def _log(msg: str) -> None:
 
 def build_shards(out: Path, n_train: int, n_val: int) -> Path:
     """Rule-110 shards under out/data (reused when a previous demo built the same ones)."""
+    from megasleep.data.manifest import FORMAT_VERSION
     from megasleep.data.shards import build_task_dataset
     from megasleep.data.tasks import get_task
 
     data = out / "data"
+    # the shard format is part of the stamp: older demo shards still load, but are rebuilt in the
+    # current (faster) format
     want = {"task": "rule110", "params": TASK_PARAMS, "difficulty": DIFFICULTY, "train": n_train, "val": n_val,
-            "seed": 0}
+            "seed": 0, "format_version": FORMAT_VERSION}
     stamp = data / "demo-data.json"
     if stamp.is_file() and json.loads(stamp.read_text()) == want:
         _log(f"reusing shards in {data}")

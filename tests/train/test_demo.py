@@ -36,3 +36,24 @@ def test_demo_quick(tmp_path):
     assert build_shards(out, 2_000, 96) == out / "data"
     assert (out / "data" / "train" / "manifest.json").stat().st_mtime_ns == before
     assert (out / "data" / "demo-data.json").read_text() == stamp
+
+
+def test_demo_shards_of_an_older_format_are_rebuilt(tmp_path):
+    """A demo directory from before the block format (its stamp has no format version) gets fresh
+    shards in the current format instead of silently reusing the slower old ones."""
+    from megasleep.data.manifest import FORMAT_VERSION
+    from megasleep.demo import build_shards
+
+    data = build_shards(tmp_path, 200, 16)
+    stamp = data / "demo-data.json"
+    manifest = data / "train" / "manifest.json"
+    assert json.loads(manifest.read_text())["format_version"] == FORMAT_VERSION
+    before = manifest.stat().st_mtime_ns
+    build_shards(tmp_path, 200, 16)  # same settings, same format: reused
+    assert manifest.stat().st_mtime_ns == before
+    old = json.loads(stamp.read_text())
+    del old["format_version"]
+    stamp.write_text(json.dumps(old))
+    build_shards(tmp_path, 200, 16)
+    assert manifest.stat().st_mtime_ns != before
+    assert json.loads(stamp.read_text())["format_version"] == FORMAT_VERSION
