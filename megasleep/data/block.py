@@ -204,9 +204,12 @@ def _expand_block(raw: dict, vocab_size: int | None) -> list[Item]:
     np.cumsum(D, out=doc_off[1:])
     flagged = _flag(ids, mask, starts, T, D, tok_off, doc_off, metas, vocab_size)
     out: list[Item] = []
+    # each sample owns copies of its slices: views would keep the whole block's bytes alive for as long
+    # as any one of its samples waits in a shuffle buffer (~70 blocks per 1,000 buffered samples)
     for i in range(K):
         a, b, c, d = tok_off[i], tok_off[i + 1], doc_off[i], doc_off[i + 1]
-        s = {"input_ids": ids[a:b], "loss_mask": mask[a:b], "doc_starts": starts[c:d], "meta": metas[i]}
+        s = {"input_ids": ids[a:b].copy(), "loss_mask": mask[a:b].copy(), "doc_starts": starts[c:d].copy(),
+             "meta": metas[i]}
         if flagged[i]:  # the per-sample validator decides and says why
             try:
                 validate_sample(s, vocab_size=vocab_size, key=keys[i])

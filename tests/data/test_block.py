@@ -192,6 +192,16 @@ def test_vectorised_validation_equals_the_per_sample_validator():
     assert n_bad > 100
 
 
+def test_a_sample_does_not_keep_its_block_alive():
+    """A sample waiting in a shuffle buffer must not pin its whole block's bytes (a buffer of 1,000
+    samples would otherwise hold ~70 blocks): every array owns its memory."""
+    samples, keys = _random_block(np.random.default_rng(2), 8)
+    for key, s in expand_raw(encode_block(samples, keys), VOCAB):
+        assert not isinstance(s, MalformedSample), (key, s)
+        for f in ("input_ids", "loss_mask", "doc_starts"):
+            assert s[f].base is None and s[f].flags.owndata, (key, f)
+
+
 def test_undecodable_block_counts_k_or_one():
     rng = np.random.default_rng(1)
     samples, keys = _random_block(rng, 5)
