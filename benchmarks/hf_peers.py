@@ -13,11 +13,15 @@
   Each row also prints the share of HF's step spent in matrix-multiply and attention kernels
   (``aten::mm/bmm/addmm`` and SDPA, self time under torch.profiler): a model of the same size calls
   them with the same shapes, so that share bounds from below the ratio any implementation can reach.
+  A last row times the Llama-shaped step once more with every RMSNorm cut to its weight multiply and
+  RoPE removed (an ablation, not a model): how close to 0.8x hand-written norms and rotations could
+  bring it at the very best.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 import torch
 from ops_cpu import Row, _ms, timed_pair
@@ -133,7 +137,35 @@ def bench_hf_steps(a: argparse.Namespace) -> list[Row]:
                             f"{n_ours:,} vs {n_hf:,} params",
                             f"ours {_ms(t_ours)} / HF {_ms(t_hf)}; HF spends {share:.0%} in mm/attention kernels",
                             t_ours / t_hf, 0.8, higher_is_better=False))
+        if kind == "llama":
+            scfg = SleepConfig(window=a.hf_T, passes=1, checkpoint=True)
+
+            def stripped_step(model=ours, cfg=scfg):
+                model.zero_grad(set_to_none=True)
+                with _without_norms_and_rope():
+                    sleep_forward(model, ids, cfg).loss.backward()
+
+            t_ours, t_hf = timed_pair(stripped_step, hf_step, a.repeats)
+            rows.append(Row("bound: same, ours with every RMSNorm cut to its weight multiply and no RoPE "
+                            "(not a model: what the rest costs)", f"as above, {n_ours:,} vs {n_hf:,} params",
+                            f"ours {_ms(t_ours)} / HF {_ms(t_hf)}", t_ours / t_hf))
     return rows
+
+
+@contextlib.contextmanager
+def _without_norms_and_rope():
+    """Ablation for the Llama row: RMSNorm reduced to ``x * weight`` and RoPE to the identity, i.e. a
+    step that pays nothing for normalising or rotating. What it still costs over 0.8x HF's time
+    cannot come from hand-written norms or rotations (matmuls, SDPA, SwiGLU, residuals, the loss)."""
+    from megasleep.models.rope import RopeCache
+
+    norm_fwd, rope_call = torch.nn.RMSNorm.forward, RopeCache.__call__
+    torch.nn.RMSNorm.forward = lambda self, x: x * self.weight
+    RopeCache.__call__ = lambda self, x, positions, span: x
+    try:
+        yield
+    finally:
+        torch.nn.RMSNorm.forward, RopeCache.__call__ = norm_fwd, rope_call
 
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
