@@ -15,7 +15,8 @@
   them with the same shapes, so that share bounds from below the ratio any implementation can reach.
   A last row times the Llama-shaped step once more with every RMSNorm cut to its weight multiply and
   RoPE removed (an ablation, not a model): how close to 0.8x hand-written norms and rotations could
-  bring it at the very best.
+  bring it at the very best. ``--hf-compile`` adds the Llama-shaped step with ``train.compile: true``
+  (inductor over each block, which fuses the elementwise passes; HF stays eager).
 """
 
 from __future__ import annotations
@@ -149,6 +150,22 @@ def bench_hf_steps(a: argparse.Namespace) -> list[Row]:
             rows.append(Row("bound: same, ours with every RMSNorm cut to its weight multiply and no RoPE "
                             "(not a model: what the rest costs)", f"as above, {n_ours:,} vs {n_hf:,} params",
                             f"ours {_ms(t_ours)} / HF {_ms(t_hf)}", t_ours / t_hf))
+            if a.hf_compile:  # train.compile: true (inductor over each block; the sleep loop stays eager)
+                from megasleep.models.precision import compile_blocks
+
+                compiled = HybridLM(_ms_cfg(kind, a))
+                compiled.load_state_dict(ours.state_dict())
+                compile_blocks(compiled)
+
+                def compiled_step(model=compiled, cfg=scfg):
+                    model.zero_grad(set_to_none=True)
+                    sleep_forward(model, ids, cfg).loss.backward()
+
+                compiled_step()  # compiles (not timed)
+                t_ours, t_hf = timed_pair(compiled_step, hf_step, a.repeats)
+                rows.append(Row(f"train step vs HF {hf_cls.__name__} (time ratio), train.compile: true "
+                                "(inductor blocks), checkpointing on (default)", "as above, HF eager",
+                                f"ours {_ms(t_ours)} / HF {_ms(t_hf)}", t_ours / t_hf, 0.8, higher_is_better=False))
     return rows
 
 
@@ -174,3 +191,5 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--hf-d", type=int, default=256)
     ap.add_argument("--hf-layers", type=int, default=4)
     ap.add_argument("--hf-vocab", type=int, default=8192)
+    ap.add_argument("--hf-compile", action="store_true",
+                    help="also time the Llama-shaped step with train.compile (inductor; compiles first, ~15 s)")
