@@ -70,10 +70,6 @@ def write_manifest(directory: str | os.PathLike, manifest: dict) -> Path:
     """Write ``manifest.json`` atomically (sorted keys, so identical inputs give identical bytes)."""
     d = Path(directory)
     d.mkdir(parents=True, exist_ok=True)
-    if "shards" in manifest and "block" not in manifest:  # recorded in the caller's dict too
-        from megasleep.data.block import block_layout
-
-        manifest["block"] = block_layout()  # every writer of shards cuts its blocks this way
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
     path = d / MANIFEST
     atomic_write(path, json.dumps(manifest, indent=1, sort_keys=True) + "\n")

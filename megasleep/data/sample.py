@@ -169,13 +169,6 @@ def meta_problem(meta, length: int) -> str | None:
     return None
 
 
-def doc_ids_from_starts(starts: np.ndarray, length: int) -> np.ndarray:
-    """[T] document number of every position (0 for the first document)."""
-    marks = np.zeros(length, dtype=np.int64)
-    marks[np.asarray(starts[1:], dtype=np.int64)] = 1
-    return np.cumsum(marks)
-
-
 def collate(samples, pad_id: int = 0, seq_len: int | None = None) -> dict:
     """The one collator: in-memory samples -> a right-padded numpy batch
     ``{"input_ids" [B,T] int64, "loss_mask" [B,T] bool, "doc_ids" [B,T] int64, "meta" [dict]}``.
@@ -185,7 +178,7 @@ def collate(samples, pad_id: int = 0, seq_len: int | None = None) -> dict:
     token ever shares a document with a pad, and the pads carry no targets. Right padding never
     changes a row's real tokens: the model is causal and windows are aligned at position 0.
     (Document ids: one cumulative sum over the batch of marks at every document start and at the
-    first pad, instead of :func:`doc_ids_from_starts` per row: the loader's hot path.)"""
+    first pad, not one per row: the loader's hot path.)"""
     if not samples:
         raise ValueError("collate: no samples")
     lens = [int(np.asarray(s["input_ids"]).shape[0]) for s in samples]

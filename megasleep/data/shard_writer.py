@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from megasleep.data.block import BlockWriter
+from megasleep.data.block import BlockWriter, block_layout
 from megasleep.data.manifest import shard_record
 
 SHARD_PATTERN = "shard-%06d.tar"
@@ -31,9 +31,11 @@ TAR_KW = dict(mtime=0, user="megasleep", group="megasleep", mode=0o444, encoder=
 
 
 def tokenizer_and_totals(tok, shard_records: list[dict]) -> dict:
-    """Manifest fields every dataset kind shares: the tokenizer's identity and the summed counts."""
+    """Manifest fields every dataset kind shares: the tokenizer's identity, the summed counts and the
+    block limits its shards were cut with (every writer goes through :class:`BlockWriter`)."""
     return {
         "tokenizer": {**tok.info(), "path": str(tok.path)},
+        "block": block_layout(),
         "num_samples": sum(r["samples"] for r in shard_records),
         "num_tokens": sum(r["tokens"] for r in shard_records),
         "num_target_tokens": sum(r["targets"] for r in shard_records),

@@ -41,11 +41,6 @@ _MAX_NAMES = 50  # bad shard names kept in the state / error message
 # deterministic randomness: every decision is a hash of (seed, stream, counters)
 
 
-def _rand_u64(*keys: int) -> int:
-    data = struct.pack(f"<{len(keys)}q", *[int(k) & 0x7FFFFFFFFFFFFFFF for k in keys])
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
-
-
 class _RandStream:
     """``_rand_u64(*prefix, counter)`` with the prefix hashed once (blake2b is incremental: hashing the
     prefix then the counter is hashing their concatenation), for the per-sample decisions."""
@@ -56,8 +51,13 @@ class _RandStream:
 
     def __call__(self, counter: int) -> int:
         h = self._head.copy()
-        h.update((counter & 0x7FFFFFFFFFFFFFFF).to_bytes(8, "little"))
+        h.update((int(counter) & 0x7FFFFFFFFFFFFFFF).to_bytes(8, "little"))
         return int.from_bytes(h.digest(), "little")
+
+
+def _rand_u64(*keys: int) -> int:
+    """blake2b-64 of the keys packed as little-endian int64 (63 bits each): one decision."""
+    return _RandStream(*keys[:-1])(keys[-1])
 
 
 _SHUFFLE, _MIX, _SHARDS = 1, 2, 3

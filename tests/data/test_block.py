@@ -313,20 +313,33 @@ def test_truncated_shard_keeps_whole_blocks_and_counts_the_rest(k16, tmp_path):
 
 
 # ------------------------------------------------------------------------------------------------ hot path
+def _rand_u64_reference(*keys: int) -> int:
+    """The loader's original hash of (seed, stream, counters), written out."""
+    import hashlib
+    import struct
+
+    data = struct.pack(f"<{len(keys)}q", *[int(k) & 0x7FFFFFFFFFFFFFFF for k in keys])
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
 def test_rand_stream_equals_the_hash_it_replaces():
-    """The shuffle / mix decisions must stay the same function of (seed, stream, counter): the data
-    order (and the golden losses) depend on it."""
+    """The shuffle / mix / shard-order decisions must stay the same function of (seed, stream,
+    counter): the data order (and the golden losses) depend on it."""
     rng = np.random.default_rng(2)
     for _ in range(200):
         prefix = [int(x) for x in rng.integers(-2**62, 2**62, int(rng.integers(1, 7)))]
         stream = worker_stream._RandStream(*prefix)
         for c in (0, 1, int(rng.integers(0, 2**62))):
-            assert stream(c) == worker_stream._rand_u64(*prefix, c)
+            assert stream(c) == worker_stream._rand_u64(*prefix, c) == _rand_u64_reference(*prefix, c)
 
 
 def _collate_reference(samples, pad_id=0, seq_len=None):
     """The per-row collator the vectorised one replaced."""
-    from megasleep.data.sample import doc_ids_from_starts
+
+    def doc_ids_from_starts(starts, length):
+        marks = np.zeros(length, dtype=np.int64)
+        marks[np.asarray(starts[1:], dtype=np.int64)] = 1
+        return np.cumsum(marks)
 
     lens = [int(np.asarray(s["input_ids"]).shape[0]) for s in samples]
     T = seq_len if seq_len is not None else max(lens)
