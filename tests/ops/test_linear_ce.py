@@ -106,3 +106,17 @@ def test_bad_shapes_are_named():
         linear_cross_entropy_chunk(h, w, tgt[:, :3], mask)
     with pytest.raises(ValueError, match="chunk_elements"):
         linear_cross_entropy_chunk(h, w, tgt, mask, chunk_elements=0)
+
+
+
+@pytest.mark.parametrize("grad_in_forward", [False, True])
+def test_backward_twice_over_one_forward(grad_in_forward):
+    """retain_graph (gradcheck, ``autograd.grad`` twice): the gradients kept from the forward must not be
+    scaled in place by the first backward."""
+    h, w, tgt, mask = inputs(dtype=torch.float32, seed=7)
+    h, w = h.requires_grad_(), w.requires_grad_()
+    loss = linear_cross_entropy_chunk(h, w, tgt, mask, grad_in_forward=grad_in_forward, chunk_elements=101 * 40)
+    first = torch.autograd.grad(loss * 0.5, (h, w), retain_graph=True)
+    second = torch.autograd.grad(loss * 0.5, (h, w))
+    for a, b in zip(first, second):
+        torch.testing.assert_close(a, b)

