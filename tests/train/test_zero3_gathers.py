@@ -28,21 +28,21 @@ RUN = ["train.steps=3", "train.log_every=1", f"train.global_batch_size={2 * ACCU
        "deepspeed.overrides.zero_optimization.stage3_prefetch_bucket_size=100000"]
 
 
-def gathers(tmp_path, passes: int, keep: bool) -> dict:
-    name = f"n{passes}-{'keep' if keep else 'json'}"
-    out = tmp_path / f"{name}.json"
+def gathers(tmp_path, configs: list[tuple[int, bool]]) -> dict:
+    """The runs of ``configs`` ((passes, keep_gathered) each), all in one torchrun."""
+    runs = [{"name": f"n{n}-{'keep' if keep else 'json'}", "run_dir": str(tmp_path / f"n{n}-{keep}"),
+             "overrides": [f"sleep.passes={n}", f"deepspeed.zero3_keep_gathered={str(keep).lower()}"]}
+            for n, keep in configs]
     p = subprocess.run([PY, "-m", "torch.distributed.run", "--nproc-per-node", "2", "tests/train/zero3_gathers.py",
-                        str(out), str(tmp_path / name), *RUN, f"sleep.passes={passes}",
-                        f"deepspeed.zero3_keep_gathered={str(keep).lower()}"],
+                        str(tmp_path), json.dumps(runs), *RUN],
                        cwd=ROOT, env=env(), capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, p.stderr[-4000:]
-    return json.loads(out.read_text())
+    return {c: json.loads((tmp_path / f"{r['name']}.json").read_text()) for c, r in zip(configs, runs)}
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("zero3")
-    return {(n, keep): gathers(tmp, n, keep) for n in (1, 3) for keep in (False, True)}
+    return gathers(tmp_path_factory.mktemp("zero3"), [(n, keep) for n in (1, 3) for keep in (False, True)])
 
 
 def steady(run: dict) -> int:
