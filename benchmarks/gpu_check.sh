@@ -4,10 +4,19 @@
 # tables (kernel speed; tokens/s, MFU, peak memory and throughput ratio vs N=1 for 350m and 1.3b at
 # N = 1, 2, 4), written as markdown naming the commit.
 # Installs nothing over the network. Usage: benchmarks/gpu_check.sh [OUT.md] [extra gpu_check.py args]
-# Env: PYTHON (default python3 or .venv/bin/python), PYTEST_TIMEOUT (default 240 s for the tests).
+# Env: PYTHON (default python3 or .venv/bin/python), PYTEST_TIMEOUT (default 240 s for the tests),
+# WHEELHOUSE (a folder made by launch/wheelhouse.sh: on a node whose Python has torch but not megasleep's
+# other dependencies, they are installed from it, offline, into a temporary folder first).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}
+if [ -n "${WHEELHOUSE:-}" ]; then
+  SITE=${TMPDIR:-/tmp}/megasleep-site
+  echo "== dependencies from $WHEELHOUSE into $SITE =="
+  "$PY" -m pip install -q --disable-pip-version-check --no-index --no-deps --no-compile --no-cache-dir \
+      --upgrade --target "$SITE" "$WHEELHOUSE"/*.whl || { echo "gpu_check: installing $WHEELHOUSE failed" >&2; exit 2; }
+  export PYTHONPATH="$SITE:$PWD${PYTHONPATH:+:$PYTHONPATH}"
+fi
 OUTFILE=${1:-benchmarks/gpu-check-$(date +%F).md}
 shift || true
 echo "== CUDA parity tests (tests/gpu) =="
