@@ -51,4 +51,4 @@ for w in "$DIR"/*.whl; do
 done
 # every requirement (for that Python) is in the house, on the node, or deliberately left out
 "$PY" "$ROOT/launch/wheelhouse_check.py" "$DIR" "$PYVER" --node-has $NODE_HAS --not-needed $NOT_NEEDED
-echo "wheelhouse: $(find "$DIR" -name '*.whl' | wc -l) wheels, $(du -sh "$DIR" | cut -f1) in $DIR (Python $PYVER)"
+echo "wheelhouse: $(find "$DIR" -maxdepth 1 -type f -name '*.whl' | wc -l) wheels, $(du -sh "$DIR" | cut -f1) in $DIR (Python $PYVER)"
