@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
@@ -175,6 +176,21 @@ def pypi_reachable() -> bool:
         return False
 
 
+def opt_in_online(why: str):
+    """Slow tests that need PyPI: skipped unless MEGASLEEP_RESOLVE_IMAGE=1, then skipped where PyPI is
+    not reachable (the check runs when the test does, not at collection)."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def run(*args, **kwargs):
+            if not pypi_reachable():
+                pytest.skip("PyPI is not reachable from this machine")
+            return fn(*args, **kwargs)
+        gate = pytest.mark.skipif(not os.environ.get("MEGASLEEP_RESOLVE_IMAGE"),
+                                  reason=f"{why}: set MEGASLEEP_RESOLVE_IMAGE=1")
+        return pytest.mark.slow(gate(run))
+    return wrap
+
+
 def pip_dry_run(tmp_path, *args: str) -> dict:
     report = tmp_path / "report.json"
     platforms = [a for p in IMAGE_PLATFORMS for a in ("--platform", p)]
@@ -202,13 +218,9 @@ def test_pinned_wheels_exist_for_the_image_and_declare_what_we_wrote(tmp_path):
         assert on_pins <= ours, f"{name} {pinned[name]}: PyPI also declares {on_pins - ours}"
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("MEGASLEEP_RESOLVE_IMAGE"),
-                    reason="the full resolution takes 2-4 minutes: set MEGASLEEP_RESOLVE_IMAGE=1")
+@opt_in_online("the full resolution takes 2-4 minutes")
 def test_the_whole_image_set_resolves(tmp_path):
     """pip's resolver on the binary pins plus the source packages' declared requirements."""
-    if not pypi_reachable():
-        pytest.skip("PyPI is not reachable from this machine")
     pinned = pins()
     sdist_reqs = [r for (name, _), reqs in DECLARED.items() if name not in WHEELS for r in reqs
                   if Requirement(r).name not in ("mamba-ssm", "causal-conv1d", "deepspeed")]

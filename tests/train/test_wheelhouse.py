@@ -14,7 +14,7 @@ import zipfile
 import pytest
 
 from tests.train.helpers import ROOT
-from tests.train.test_dockerfile import pypi_reachable
+from tests.train.test_dockerfile import opt_in_online
 
 spec = importlib.util.spec_from_file_location("wheelhouse_check", ROOT / "launch" / "wheelhouse_check.py")
 wheelhouse_check = importlib.util.module_from_spec(spec)
@@ -56,12 +56,8 @@ def test_the_scripts_parse():
         subprocess.run(["bash", "-n", str(ROOT / script)], check=True)
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("MEGASLEEP_RESOLVE_IMAGE"),
-                    reason="downloads from PyPI and builds three wheels: set MEGASLEEP_RESOLVE_IMAGE=1")
+@opt_in_online("downloads from PyPI and builds three wheels")
 def test_wheelhouse_builds_installs_offline_and_feeds_gpu_check(tmp_path):
-    if not pypi_reachable():
-        pytest.skip("PyPI is not reachable from this machine")
     house = tmp_path / "house"
     version = f"{sys.version_info.major}.{sys.version_info.minor}"
     env = {**os.environ, "PYTHON": sys.executable}
