@@ -108,7 +108,6 @@ def test_bad_shapes_are_named():
         linear_cross_entropy_chunk(h, w, tgt, mask, chunk_elements=0)
 
 
-
 @pytest.mark.parametrize("grad_in_forward", [False, True])
 def test_backward_twice_over_one_forward(grad_in_forward):
     """retain_graph (gradcheck, ``autograd.grad`` twice): the gradients kept from the forward must not be
