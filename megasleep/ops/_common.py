@@ -121,7 +121,19 @@ def chunk_decays(la: torch.Tensor, doc: torch.Tensor | None = None):
     (about 5x slower than finite arguments).
     """
     same_doc = None if doc is None else (doc.unsqueeze(-1) == doc.unsqueeze(-2)).to(la.dtype)
-    L = _SegmentDecay.apply(la, same_doc)
+    if torch.compiler.is_compiling():
+        # the same split-cumsum segment sums in plain ops: inductor fuses them, and dynamo in torch 2.11
+        # computes wrong gradients through _SegmentDecay (it returns a tensor it mutated in place and
+        # saved; measured: 100% off; right in 2.13)
+        cum = torch.cumsum(la, dim=-1, dtype=torch.float64)
+        hi = cum.to(la.dtype)
+        lo = (cum - hi).to(la.dtype)
+        keep = torch.ones(la.shape[-1], la.shape[-1], dtype=torch.bool, device=la.device).tril()
+        seg = torch.where(keep, (hi.unsqueeze(-1) - hi.unsqueeze(-2)) + (lo.unsqueeze(-1) - lo.unsqueeze(-2)), 0)
+        L = torch.where(keep, seg.exp(), 0)
+        L = L if same_doc is None else L * same_doc
+    else:
+        L = _SegmentDecay.apply(la, same_doc)
     din = torch.exp(torch.cumsum(la, dim=-1))
     if doc is not None:
         din = din * (doc == 0).to(la.dtype)

@@ -89,3 +89,18 @@ def test_module_uses_the_function_and_checks_shapes():
     torch.testing.assert_close(out, gated_rms_norm_reference(y, z, norm.weight, norm.eps, 8))
     with pytest.raises(ValueError, match="must have one shape"):
         norm(y, z[..., :8])
+
+
+@pytest.mark.parametrize("before", [False, True], ids=["gate-then-norm", "norm-then-gate"])
+def test_under_torch_compile_the_module_runs_plain_autograd(monkeypatch, before):
+    """While dynamo traces (``torch.compiler.is_compiling()``), GatedRMSNorm runs the plain-autograd
+    reference: dynamo in torch 2.11 got this Function's gradients wrong (all of them, measured on
+    2.11.0; right in 2.13), and inductor fuses the plain ops anyway. Same values and gradients."""
+    norm = GatedRMSNorm(32, group_size=8, norm_before_gate=before)
+    y, z, _ = _inputs((2, 5, 32), torch.float64, seed=8)
+    eager = _grads(lambda a, b, c: norm(a, b), y, z, norm.weight)
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    out = norm(y.clone().requires_grad_(), z)
+    assert type(out.grad_fn).__name__ != "GatedRMSNormFnBackward"
+    norm.weight.grad = None
+    _close(eager[:3], _grads(lambda a, b, c: norm(a, b), y, z, norm.weight)[:3], 1e-12, f"before={before}")

@@ -53,6 +53,29 @@ def test_backward_matches_autograd_reference():
     torch.testing.assert_close(grads[0], grads[1], atol=1e-12, rtol=1e-11)
 
 
+@pytest.mark.parametrize("with_reset", [False, True], ids=["noreset", "reset"])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_under_torch_compile_plain_ops_give_the_same_values_and_gradients(monkeypatch, with_reset, dtype, tol):
+    """While dynamo traces (``torch.compiler.is_compiling()``) the segment sums are plain ops, not
+    ``_SegmentDecay``: dynamo in torch 2.11 got that Function's gradient wrong (measured on 2.11.0;
+    right in 2.13). The plain path must equal the Function, exact zeros included."""
+    la = (-torch.rand(2, 3, 2, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * 3).to(dtype)
+    doc = _doc(2, 3, 16, seed=6) if with_reset else None
+    go = torch.randn(2, 3, 2, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(7)).to(dtype)
+    results = []
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda c=compiling: c)
+        leaf = la.clone().requires_grad_()
+        L, _ = chunk_decays(leaf, doc)
+        assert (type(L.grad_fn).__name__ == "_SegmentDecayBackward") != compiling
+        (L * go).sum().backward()
+        results.append((L.detach(), leaf.grad))
+    (L0, g0), (L1, g1) = results
+    assert torch.equal(L0 == 0, L1 == 0)
+    torch.testing.assert_close(L1, L0, atol=tol, rtol=tol)
+    torch.testing.assert_close(g1, g0, atol=tol, rtol=tol)
+
+
 def test_fp32_accuracy_after_a_strong_decay():
     """A chunk whose first step decays by exp(-2000): later entries are O(1) decays taken as
     differences of cumsums near -2000. In fp32 they must still be as accurate as fp32 allows."""
