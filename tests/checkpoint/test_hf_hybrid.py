@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from megasleep.checkpoint.errors import UnsupportedModelError
 from megasleep.checkpoint.load import load_pretrained, read_checkpoint
-from tests.checkpoint.hf_models import assert_logits_close, build_hf
+from tests.checkpoint.hf_models import assert_logits_close, build_hf, grouped_norm_or_skip
 
 MAMBA = dict(mamba_n_heads=8, mamba_d_head=8, mamba_d_state=8, mamba_n_groups=2, mamba_chunk_size=8)
 COMMON = dict(hidden_size=32, num_hidden_layers=3, vocab_size=64, num_attention_heads=4, num_key_value_heads=2,
@@ -33,6 +33,7 @@ def test_logits_match_transformers(tmp_path, case):
     src = build_hf(case.split("-")[0], tmp_path / "hf", **CASES[case])
     model = load_pretrained(tmp_path / "hf")
     assert set(model.pretrained_meta["import"]["mapped"]) == set(load_file(tmp_path / "hf" / "model.safetensors"))
+    grouped_norm_or_skip(src, MAMBA["mamba_n_groups"])
     ids = torch.randint(0, 64, (2, 20), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert_logits_close(model(ids), src(ids).logits)
