@@ -17,6 +17,7 @@ from megasleep.checkpoint.load import load_pretrained
 from megasleep.cli import main
 from megasleep.models import HybridLM, ModelConfig
 from megasleep.sleep import SleepConfig, sleep_forward
+from tests.train.helpers import pythonpath
 
 MODEL = {"name": "ds-test", "vocab_size": 61, "d_model": 32, "pattern": "AGMA", "attn": {"n_heads": 4, "n_kv_heads": 2},
          "mamba2": {"d_state": 8, "headdim": 8, "chunk_size": 8}, "gdn": {"n_heads": 2, "head_dim": 8, "chunk_size": 8},
@@ -28,7 +29,7 @@ def ds_root(tmp_path_factory) -> Path:
     """DeepSpeed checkpoints after one training step: ZeRO-2 (ds2) and no ZeRO (ds0)."""
     pytest.importorskip("deepspeed")
     root = tmp_path_factory.mktemp("ds")
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": pythonpath()}
     r = subprocess.run([sys.executable, str(Path(__file__).with_name("_make_ds_checkpoint.py")), str(root), "2,0",
                         json.dumps(MODEL)], capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0 and "saved" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]

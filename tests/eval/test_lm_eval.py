@@ -16,6 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tests.train.helpers import pythonpath
+
 pytest.importorskip("lm_eval")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +70,7 @@ def setup(tmp_path_factory):
 def test_lm_eval_cli_with_megasleep_model(setup):
     d = setup["dir"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(d / "hf"), "HF_DATASETS_OFFLINE": "1",
-           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT)}
+           "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": pythonpath()}
     cmd = [sys.executable, "-m", "megasleep.eval.lm_eval_cli", "--model", "megasleep", "--model_args",
            f"pretrained={setup['ck']},passes=2,window=4,eviction=hard",
            "--tasks", "megasleep_tiny_mc,megasleep_tiny_ppl,megasleep_tiny_gen", "--include_path", str(setup["tasks"]),
@@ -109,7 +111,7 @@ def test_unknown_model_args_are_one_line_errors(setup):
     """A typo (passe for passes) must not run at another N: exit code 2, the key named."""
     d = setup["dir"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(d / "hf"), "HF_DATASETS_OFFLINE": "1",
-           "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+           "HF_HUB_OFFLINE": "1", "PYTHONPATH": pythonpath()}
     cmd = [sys.executable, "-m", "megasleep.eval.lm_eval_cli", "--model", "megasleep", "--model_args",
            f"pretrained={setup['ck']},passe=4", "--tasks", "megasleep_tiny_mc", "--include_path",
            str(setup["tasks"])]

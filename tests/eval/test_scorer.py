@@ -19,6 +19,7 @@ from megasleep.data.sample import collate, make_sample
 from megasleep.eval.harness import EvalSettings, Tally, score_batch, summarize
 from megasleep.eval.scoring import wilson
 from megasleep.sleep import SleepConfig, SleepOutput
+from tests.train.helpers import pythonpath
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -96,7 +97,7 @@ def test_one_collator_padding_is_a_document_of_its_own(tmp_path):
 
 
 def _env() -> dict:
-    return dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
+    return dict(os.environ, PYTHONPATH=pythonpath(), OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu")
 
 
 @pytest.mark.slow

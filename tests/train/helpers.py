@@ -19,6 +19,11 @@ FAST = ["train.steps=10", "train.log_every=1", "train.global_batch_size=8", "tra
         "checkpoint.export=false"]
 
 
+def pythonpath() -> str:
+    """The repository first, then whatever PYTHONPATH already holds (an install by --target, say)."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+
+
 def env(**extra) -> dict:
     e = dict(os.environ)
     for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
