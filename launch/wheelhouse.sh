@@ -49,6 +49,7 @@ for w in "$DIR"/*.whl; do
        exit 1 ;;
   esac
 done
-# every requirement (for that Python) is in the house, on the node, or deliberately left out
+# every requirement (for that Python) is in the house at an allowed version, on the node, or left
+# out on purpose
 "$PY" "$ROOT/launch/wheelhouse_check.py" "$DIR" "$PYVER" --node-has $NODE_HAS --not-needed $NOT_NEEDED
 echo "wheelhouse: $(find "$DIR" -maxdepth 1 -type f -name '*.whl' | wc -l) wheels, $(du -sh "$DIR" | cut -f1) in $DIR (Python $PYVER)"

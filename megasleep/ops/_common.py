@@ -64,6 +64,14 @@ def chunk_doc_index(reset: torch.Tensor | None, nchunks: int, q: int) -> torch.T
     return torch.cumsum(reset.view(reset.shape[0], nchunks, q).to(torch.int32), dim=-1)
 
 
+def _split_cumsum(la: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``cumsum(la)`` accumulated in fp64 and split into ``hi`` (its rounding to ``la.dtype``) and
+    ``lo`` (the rest, in ``la.dtype``; 0 for fp64 inputs)."""
+    cum = torch.cumsum(la, dim=-1, dtype=torch.float64)
+    hi = cum.to(la.dtype)
+    return hi, (cum - hi).to(la.dtype)
+
+
 class _SegmentDecay(torch.autograd.Function):
     """``L[..., i, j] = exp(cum_i - cum_j)`` for ``j <= i`` where ``same_doc[..., i, j]`` (1 if None), else
     exactly 0; ``cum = cumsum(la)``.
@@ -83,11 +91,9 @@ class _SegmentDecay(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, la, same_doc):
-        cum = torch.cumsum(la, dim=-1, dtype=torch.float64)
-        hi = cum.to(la.dtype)
+        hi, lo = _split_cumsum(la)
         L = hi.unsqueeze(-1) - hi.unsqueeze(-2)
         if la.dtype != torch.float64:
-            lo = (cum - hi).to(la.dtype)
             L.add_(lo.unsqueeze(-1)).sub_(lo.unsqueeze(-2))
         L.tril_().exp_().tril_()
         if same_doc is not None:
@@ -125,9 +131,7 @@ def chunk_decays(la: torch.Tensor, doc: torch.Tensor | None = None):
         # the same split-cumsum segment sums in plain ops: inductor fuses them, and dynamo in torch 2.11
         # computes wrong gradients through _SegmentDecay (it returns a tensor it mutated in place and
         # saved; measured: 100% off; right in 2.13)
-        cum = torch.cumsum(la, dim=-1, dtype=torch.float64)
-        hi = cum.to(la.dtype)
-        lo = (cum - hi).to(la.dtype)
+        hi, lo = _split_cumsum(la)
         keep = torch.ones(la.shape[-1], la.shape[-1], dtype=torch.bool, device=la.device).tril()
         seg = torch.where(keep, (hi.unsqueeze(-1) - hi.unsqueeze(-2)) + (lo.unsqueeze(-1) - lo.unsqueeze(-2)), 0)
         L = torch.where(keep, seg.exp(), 0)

@@ -31,8 +31,8 @@ def test_closure_check_names_each_gap_and_who_needs_it(tmp_path):
     house = tmp_path / "house"
     house.mkdir()
     pyproject = tmp_path / "pyproject.toml"
-    pyproject.write_text('[project]\nname = "x"\ndependencies = ["torch>=2.4", "Pydantic>=2.6", "webdataset==1.0.2"]\n')
-    fake_wheel(house, "pydantic", "pydantic-core==2.0", "typing_extensions>=4")
+    pyproject.write_text('[project]\nname = "x"\ndependencies = ["torch>=2.4", "Pydantic>=1", "webdataset==1.0"]\n')
+    fake_wheel(house, "pydantic", "pydantic-core==1.0", "typing_extensions>=4")
     fake_wheel(house, "webdataset", "braceexpand", "numpy", 'tomli; python_version < "3.11"', 'foo; extra == "dev"')
 
     def gaps(version, node_has=("torch", "numpy", "typing-extensions")):
@@ -46,6 +46,10 @@ def test_closure_check_names_each_gap_and_who_needs_it(tmp_path):
     fake_wheel(house, "pydantic_core")
     fake_wheel(house, "braceexpand")
     assert gaps("3.12") == []
+    # a pin that moved in pyproject.toml but not in the house (every fake wheel is version 1.0)
+    pyproject.write_text('[project]\nname = "x"\ndependencies = ["torch", "webdataset==1.0.3"]\n')
+    assert gaps("3.12") == ["webdataset 1.0 in the house, not ==1.0.3 (needed by pyproject.toml)"]
+    pyproject.write_text('[project]\nname = "x"\ndependencies = ["torch", "webdataset==1.0"]\n')
     (house / "broken-1.0-py3-none-any.whl").write_bytes(b"not a zip")
     with pytest.raises(zipfile.BadZipFile):
         gaps("3.12")
