@@ -24,8 +24,11 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
     "${PIP[@]}" --no-build-isolation causal-conv1d mamba-ssm "fla-core[cuda]"
   DS_BUILD_OPS=0 "${PIP[@]}" --no-build-isolation deepspeed
 else
-  echo "[install] no CUDA: CPU torch 2.13.0, kernel packages without CUDA builds (pure-PyTorch references only)"
-  "${PIP[@]}" torch==2.13.0
+  echo "[install] no CUDA: CPU torch 2.13.0, kernel packages without CUDA builds (pure-PyTorch references;"\
+       "their Triton kernels run under Triton's interpreter in the tests)"
+  # the CUDA image's Triton, so the interpreter tests run the Triton that production runs
+  TRITON_PIN=$(sed -n 's/^triton==//p' "$(cd "$(dirname "$0")" && pwd)/constraints-cuda.txt")
+  "${PIP[@]}" torch==2.13.0 "triton==$TRITON_PIN"
   MAMBA_SKIP_CUDA_BUILD=TRUE MAMBA_FORCE_BUILD=TRUE \
   CAUSAL_CONV1D_SKIP_CUDA_BUILD=TRUE CAUSAL_CONV1D_FORCE_BUILD=TRUE \
     "${PIP[@]}" --no-build-isolation --no-deps mamba-ssm==2.3.2.post1 causal-conv1d==1.7.0

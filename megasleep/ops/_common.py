@@ -153,19 +153,30 @@ def apply_reset_to_logdecay(logdecay: torch.Tensor, reset: torch.Tensor | None, 
     return logdecay.masked_fill(reset.unsqueeze(-1), value)
 
 
+def on_kernel_device(x: torch.Tensor) -> bool:
+    """Whether ``x`` can go to the CUDA / Triton kernels: a CUDA tensor, or a CPU tensor while
+    Triton's interpreter is on (``TRITON_INTERPRET=1``; the compiled-only kernels' getters still
+    say they are missing, so those fall back or raise as without CUDA)."""
+    if x.is_cuda:
+        return True
+    from . import _peers
+
+    return x.device.type == "cpu" and _peers.triton_interpreting()
+
+
 def use_cuda(backend: str, x: torch.Tensor, getter, what: str) -> bool:
     """Resolve ``backend`` for tensor ``x`` given a ``_peers`` getter returning ``(fn, reason)``."""
     check_backend(backend)
     if backend == "torch":
         return False
     if backend == "cuda":
-        if not x.is_cuda:
+        if not on_kernel_device(x):
             raise RuntimeError(f"{what}: backend='cuda' needs CUDA tensors, got device {x.device}")
         fn, why = getter()
         if fn is None:
             raise RuntimeError(f"{what}: backend='cuda' unavailable: {why}")
         return True
-    return x.is_cuda and getter()[0] is not None
+    return on_kernel_device(x) and getter()[0] is not None
 
 
 def needs_grad(*tensors) -> bool:

@@ -12,12 +12,19 @@ PyTorch references and Triton modules import. With CUDA present we never stand i
 stand in for ``selective_scan_cuda`` when it is absent: nothing in megasleep calls it, and
 ``import mamba_ssm`` (hence the Triton SSD kernels) needs it. A stand-in raises a clear error if
 anything ever calls into it.
+
+The Triton kernels (mamba_ssm's SSD and decode kernels, fla's gated delta rule) also run without a
+GPU under Triton's interpreter (``TRITON_INTERPRET=1``, set before mamba_ssm / fla are imported):
+they then take CPU tensors and execute in numpy, slowly, which is how the CPU test suite checks the
+kernel path and its wrappers (``megasleep.ops.testing.enable_triton_interpreter``). The compiled
+``causal_conv1d`` kernels have no such mode.
 """
 
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import sys
 import types
 from functools import cache
@@ -60,6 +67,12 @@ def _ensure_extension(name: str, allow_standin: bool) -> str | None:
 
 def _cuda_ok() -> bool:
     return torch.cuda.is_available()
+
+
+def triton_interpreting() -> bool:
+    """Whether Triton's interpreter is on (``TRITON_INTERPRET``, read as Triton reads it): Triton
+    kernels then run on CPU tensors. An environment lookup, cheap enough for every dispatch."""
+    return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
 
 
 def _prepare_mamba() -> str | None:
@@ -121,15 +134,23 @@ def causal_conv1d_update_ref() -> Result:
 
 # --------------------------------------------------------------------------- kernels (CUDA)
 def _need_cuda() -> str | None:
+    """Why a compiled CUDA kernel cannot run here, or None."""
     if not _cuda_ok():
         return "CUDA is not available (torch.cuda.is_available() is False)"
+    return None
+
+
+def _need_triton_device() -> str | None:
+    """Why a Triton kernel cannot run here (neither CUDA nor Triton's interpreter), or None."""
+    if not _cuda_ok() and not triton_interpreting():
+        return "CUDA is not available (torch.cuda.is_available() is False) and Triton's interpreter is off (TRITON_INTERPRET)"
     return None
 
 
 @cache
 def mamba_chunk_scan_combined() -> Result:
     """Triton SSD kernel ``mamba_ssm.ops.triton.ssd_combined.mamba_chunk_scan_combined``."""
-    if (r := _need_cuda()) is not None:
+    if (r := _need_triton_device()) is not None:
         return None, r
     return _try("mamba_ssm.ops.triton.ssd_combined", "mamba_chunk_scan_combined", _prepare_mamba)
 
@@ -137,7 +158,7 @@ def mamba_chunk_scan_combined() -> Result:
 @cache
 def selective_state_update() -> Result:
     """Triton decode kernel ``mamba_ssm.ops.triton.selective_state_update.selective_state_update``."""
-    if (r := _need_cuda()) is not None:
+    if (r := _need_triton_device()) is not None:
         return None, r
     return _try("mamba_ssm.ops.triton.selective_state_update", "selective_state_update", _prepare_mamba)
 
@@ -165,7 +186,7 @@ def causal_conv1d_update() -> Result:
 @cache
 def fla_chunk_gated_delta_rule() -> Result:
     """Triton kernel ``fla.ops.gated_delta_rule.chunk_gated_delta_rule``."""
-    if (r := _need_cuda()) is not None:
+    if (r := _need_triton_device()) is not None:
         return None, r
     return _try("fla.ops.gated_delta_rule", "chunk_gated_delta_rule")
 
@@ -173,7 +194,7 @@ def fla_chunk_gated_delta_rule() -> Result:
 @cache
 def fla_fused_recurrent_gated_delta_rule() -> Result:
     """Triton kernel ``fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule`` (forward only)."""
-    if (r := _need_cuda()) is not None:
+    if (r := _need_triton_device()) is not None:
         return None, r
     return _try("fla.ops.gated_delta_rule", "fused_recurrent_gated_delta_rule")
 

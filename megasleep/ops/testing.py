@@ -116,3 +116,91 @@ def assert_all_close(ref, test, *, atol, rtol, what=""):
             bad.append(f"{name}: max abs err {err:.3e} > {atol:.1e} + {rtol:.1e} * {scale:.3e}")
     if bad:
         raise AssertionError(f"{what}: " + "; ".join(bad))
+
+
+# ------------------------------------------------------------------ Triton kernels without a GPU
+_interpreter_enabled = False
+
+
+def enable_triton_interpreter() -> None:
+    """Let mamba_ssm's and fla's Triton kernels run on CPU tensors under Triton's interpreter.
+
+    ``TRITON_INTERPRET=1`` must be in the environment before mamba_ssm / fla are imported (Triton
+    chooses interpreted or compiled at ``@triton.jit`` time). The interpreter itself runs any kernel
+    on CPU tensors, in numpy; what stops these packages is host code written for a GPU, patched here
+    for the whole process (a test harness, never used by training):
+
+    * ``with torch.cuda.device(t.device.index)`` around launches: a no-op for CPU tensors;
+    * ``torch.cuda.get_device_properties(...).multi_processor_count`` (grid sizes of mamba_ssm's
+      backward): a stand-in with 4 "SMs" where CUDA is absent (any count gives the same result);
+    * autotuning: the interpreter has no benchmark driver, so each autotuner keeps its first config
+      (the kernels are correct for every config; only speed differs);
+    * loop induction variables: compiled Triton makes ``i`` in ``for i in range(n)`` a tensor (fla
+      calls ``i.to(tl.int64)``); Triton's interpreter leaves a Python int, so its source rewriter also
+      converts the loop variable, as it already converts every assigned value.
+    """
+    global _interpreter_enabled
+    from . import _peers
+
+    if not _peers.triton_interpreting():
+        raise RuntimeError("enable_triton_interpreter: set TRITON_INTERPRET=1 before importing mamba_ssm / fla")
+    if _interpreter_enabled:
+        return
+    import ast
+    import contextlib
+    import types
+
+    from triton.runtime import autotuner, interpreter
+
+    cuda_device = torch.cuda.device
+
+    def device(idx):
+        if idx is None or (isinstance(idx, torch.device) and idx.type == "cpu"):
+            return contextlib.nullcontext()
+        return cuda_device(idx)
+
+    torch.cuda.device = device
+    if not torch.cuda.is_available():
+        torch.cuda.get_device_properties = lambda device=None: types.SimpleNamespace(
+            name="Triton interpreter (CPU)", multi_processor_count=4, major=0, minor=0
+        )
+
+    tuned_run = autotuner.Autotuner.run
+
+    def first_config_run(self, *args, **kwargs):
+        self.configs = self.configs[:1]
+        return tuned_run(self, *args, **kwargs)
+
+    autotuner.Autotuner.run = first_config_run
+
+    class _LoopVariablesAsTensors(interpreter.ASTTransformer):
+        def visit_For(self, node):
+            node = self.generic_visit(node)
+            if isinstance(node.target, ast.Name):
+                name = node.target.id
+                to_tensor = ast.Attribute(value=ast.Name(id="interpreter_semantic", ctx=ast.Load()),
+                                          attr="to_tensor", ctx=ast.Load())
+                convert = ast.Assign(targets=[ast.Name(id=name, ctx=ast.Store())],
+                                     value=ast.Call(func=to_tensor, args=[ast.Name(id=name, ctx=ast.Load()),
+                                                                          ast.Constant(value=False)], keywords=[]))
+                node.body.insert(0, ast.copy_location(convert, node))
+            return node
+
+    interpreter.FunctionRewriter.ast_transformer = _LoopVariablesAsTensors()
+    _interpreter_enabled = True
+
+
+def kernel_test_device() -> str:
+    """The device tests/gpu runs its kernel tests on: ``"cpu"`` under Triton's interpreter (set up
+    here), else ``"cuda"``; skips the calling module, saying why, when neither is available."""
+    import pytest
+
+    from . import _peers
+
+    if _peers.triton_interpreting():
+        enable_triton_interpreter()
+        return "cpu"
+    if not torch.cuda.is_available():
+        pytest.skip("CUDA is not available (torch.cuda.is_available() is False) and Triton's interpreter is "
+                    "off (TRITON_INTERPRET=1 runs these kernels on CPU)", allow_module_level=True)
+    return "cuda"

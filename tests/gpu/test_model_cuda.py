@@ -1,7 +1,10 @@
 """The whole sleeping model on CUDA: kernel backend vs the torch chunked backend (fp32 and bf16).
 
 Runs only where CUDA and the kernel packages are present; elsewhere the module is skipped with the
-reason. The op-level kernel parity tests are in test_ops_cuda.py.
+reason. The op-level kernel parity tests are in test_ops_cuda.py. With ``TRITON_INTERPRET=1`` the
+model runs on CPU with mamba_ssm's and fla's Triton kernels under Triton's interpreter (fp32 only, a
+shorter sequence; the compiled conv kernels are absent there, so ``"auto"`` is compared instead of
+``"cuda"``); ``tests/ops/test_triton_interpreter.py`` runs this file that way.
 """
 
 from __future__ import annotations
@@ -9,14 +12,25 @@ from __future__ import annotations
 import pytest
 import torch
 
+from megasleep.ops.testing import kernel_test_device
 from megasleep.sleep import SleepConfig, sleep_forward
 from tests.conftest import tiny_model
 
 pytestmark = pytest.mark.gpu
 
-if not torch.cuda.is_available():
-    pytest.skip("CUDA is not available on this machine (torch.cuda.is_available() is False)",
-                allow_module_level=True)
+DEV = kernel_test_device()
+INTERPRETED = DEV == "cpu"
+# Under the interpreter (every kernel call takes seconds there): fp32 only (it gets bf16 tl.dot wrong,
+# see test_ops_cuda.py), two windows, and the one case that has everything: a prelude, feature
+# feedback over 2 passes, the SSM states carried across windows, sliding eviction.
+KERNELS = "auto" if INTERPRETED else "cuda"
+DTYPES = [(torch.float32, 2e-3)] + ([] if INTERPRETED else [(torch.bfloat16, 6e-2)])
+TOKENS = 48 if INTERPRETED else 100
+# Mamba-2 with 4 heads of 32 instead of 16 of 8: the interpreter's time grows with the program count
+MODEL_KW = dict(mamba2=dict(d_state=8, headdim=32, expand=2, chunk_size=8)) if INTERPRETED else {}
+CASES = [("MAGMA", 2, "sliding")] if INTERPRETED else [
+    (pattern, passes, eviction) for pattern in ("AGMA", "MAGMA") for passes, eviction in ((1, "hard"), (3, "hard"), (2, "sliding"))
+]
 
 
 def _kernels_or_skip():
@@ -27,26 +41,51 @@ def _kernels_or_skip():
         pytest.skip("; ".join(missing))
 
 
+def _count_scan_calls(monkeypatch):
+    """Count the calls of each SSM scan implementation the dispatchers can choose."""
+    import importlib
+
+    # the subpackages (megasleep.ops re-exports functions of the same names)
+    ssd, gated_delta = (importlib.import_module(f"megasleep.ops.{m}") for m in ("ssd", "gated_delta"))
+    from megasleep.ops.gated_delta import cuda as gdn_kernel
+    from megasleep.ops.ssd import cuda as ssd_kernel
+
+    calls = {}
+
+    def counting(key, fn):
+        def counted(*a, **k):
+            calls[key] = calls.get(key, 0) + 1
+            return fn(*a, **k)
+
+        return counted
+
+    for mod, name in ((ssd_kernel, "ssd_cuda"), (gdn_kernel, "gdn_cuda"), (ssd, "ssd_chunk"), (gated_delta, "gdn_chunk")):
+        monkeypatch.setattr(mod, name, counting(name, getattr(mod, name)))
+    return calls
+
+
 def run(model, ids, backend, passes, eviction, dtype):
     model.zero_grad(set_to_none=True)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+    with torch.autocast(DEV, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
         out = sleep_forward(model, ids, SleepConfig(window=24, passes=passes, eviction=eviction),
                             backend=backend, return_logits=True)
     out.loss.backward()
     grads = {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
-    return out.logits.float(), [c.ssm for c in out.caches if c.ssm is not None], grads
+    return out.logits.detach().float(), [c.ssm.detach() for c in out.caches if c.ssm is not None], grads
 
 
-@pytest.mark.parametrize("dtype, tol", [(torch.float32, 2e-3), (torch.bfloat16, 6e-2)])
-@pytest.mark.parametrize("passes, eviction", [(1, "hard"), (3, "hard"), (2, "sliding")])
-@pytest.mark.parametrize("pattern", ["AGMA", "MAGMA"])
-def test_model_cuda_kernels_match_torch_path(pattern, passes, eviction, dtype, tol):
+@pytest.mark.parametrize("dtype, tol", DTYPES)
+@pytest.mark.parametrize("pattern, passes, eviction", CASES)
+def test_model_cuda_kernels_match_torch_path(pattern, passes, eviction, dtype, tol, monkeypatch):
     _kernels_or_skip()
+    calls = _count_scan_calls(monkeypatch)
     torch.manual_seed(0)
     model = tiny_model(pattern, dtype=torch.float32, d=64, vocab=97,
-                       n_prelude=1 if len(pattern) > 4 else 0, n_coda=0).cuda()
-    ids = torch.randint(0, 97, (2, 100), device="cuda")
-    a_logits, a_states, a_grads = run(model, ids, "cuda", passes, eviction, dtype)
+                       n_prelude=1 if len(pattern) > 4 else 0, n_coda=0, **MODEL_KW).to(DEV)
+    ids = torch.randint(0, 97, (2, TOKENS), device=DEV)
+    a_logits, a_states, a_grads = run(model, ids, KERNELS, passes, eviction, dtype)
+    # every SSM scan went through the kernels (no silent fallback to the torch path)
+    assert calls.keys() == {"ssd_cuda", "gdn_cuda"}, calls
     b_logits, b_states, b_grads = run(model, ids, "torch", passes, eviction, dtype)
 
     def rel(x, y):

@@ -1,0 +1,101 @@
+"""The GPU kernel path without a GPU: mamba_ssm's and fla's Triton kernels under Triton's interpreter.
+
+With ``TRITON_INTERPRET=1`` Triton executes its kernels on CPU tensors, in numpy. In a subprocess (the
+variable must be set before mamba_ssm / fla are imported) this runs the CUDA test files themselves:
+
+* ``tests/gpu/test_ops_cuda.py``: each kernel megasleep dispatches to (SSD chunk scan and decode
+  step, GDN chunk forward and backward and decode step) against the torch chunked path, forward,
+  backward and the initial-state gradient, with document resets (SSD's ``seq_idx``, GDN's
+  ``cu_seqlens`` layout) and ``backend="auto"``;
+* ``tests/gpu/test_model_cuda.py``: the whole sleeping model (a prelude, Mamba-2, GDN and attention
+  blocks, 2 passes, states carried across windows) through the kernels against the torch path:
+  logits, states and every parameter's gradient.
+
+So the wrappers in ``megasleep/ops/*/cuda.py`` (argument layouts, reset encodings, dtypes, state
+hand-off) are checked on every CPU run. Not covered here: bf16 (the interpreter gets ``tl.dot`` on bf16
+wrong), the compiled ``causal_conv1d`` kernels, speed; those need a GPU (``benchmarks/gpu_check.sh``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+
+import pytest
+import torch
+
+from tests.train.helpers import ROOT, env, pythonpath
+
+pytestmark = pytest.mark.slow
+
+# every test that must pass under the interpreter (parametrized ids stripped), and how many of each
+MUST_PASS = {
+    "test_kernel_report": 1,
+    "test_ssd_cuda_vs_torch": 2,
+    "test_ssd_step_cuda_vs_torch": 1,
+    "test_gdn_cuda_vs_torch_forward": 2,
+    "test_gdn_cuda_vs_torch": 4,
+    "test_gdn_step_cuda_vs_torch": 2,
+    "test_auto_backend_degrades_per_kernel": 1,
+    "test_model_cuda_kernels_match_torch_path": 1,
+}
+# the only skips allowed, by reason: the compiled conv kernels, and a fallback fla needs only on Hopper
+MAY_SKIP = {
+    "test_conv_cuda_vs_torch": "CUDA is not available",
+    "test_conv_step_cuda_vs_torch": "CUDA is not available",
+    "test_gdn_training_falls_back_when_fla_backward_is_disabled": "nothing to fall back from",
+}
+
+
+def _missing() -> str | None:
+    for mod in ("triton", "mamba_ssm", "fla"):
+        if importlib.util.find_spec(mod) is None:
+            return f"{mod} is not installed (the interpreter runs its Triton kernels)"
+    return None
+
+
+@pytest.mark.skipif(_missing() is not None, reason=str(_missing()))
+def test_gpu_kernel_tests_pass_under_the_triton_interpreter(tmp_path):
+    report = tmp_path / "junit.xml"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", f"--junitxml={report}",
+           "tests/gpu/test_ops_cuda.py", "tests/gpu/test_model_cuda.py"]
+    r = subprocess.run(cmd, cwd=ROOT, env=env(TRITON_INTERPRET="1", PYTHONPATH=pythonpath()),
+                       capture_output=True, text=True, timeout=900)
+    out = (r.stdout + r.stderr)[-6000:]
+    assert r.returncode == 0, f"tests/gpu under TRITON_INTERPRET=1 failed (exit {r.returncode}):\n{out}"
+
+    passed: dict[str, int] = {}
+    skipped: dict[str, str] = {}
+    for case in ET.parse(report).getroot().iter("testcase"):
+        name = case.get("name", "").split("[")[0]
+        skip = case.find("skipped")
+        if skip is not None:
+            skipped[name] = skip.get("message", "")
+        elif case.find("failure") is None and case.find("error") is None:
+            passed[name] = passed.get(name, 0) + 1
+    for name, n in MUST_PASS.items():
+        assert passed.get(name, 0) == n, f"{name}: {passed.get(name, 0)} passed, expected {n}\n{out}"
+    for name, why in skipped.items():
+        assert name in MAY_SKIP and MAY_SKIP[name] in why, f"unexpected skip of {name}: {why}"
+
+
+def test_kernel_path_needs_cuda_or_the_interpreter(monkeypatch):
+    """Outside the interpreter a CPU tensor never reaches the kernels: "auto" stays on torch and
+    "cuda" says what is missing."""
+    from megasleep.ops import _peers, ssd
+    from megasleep.ops._common import on_kernel_device
+    from megasleep.ops.testing import make_ssd_inputs
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    x = torch.zeros(2, 3)
+    assert not on_kernel_device(x)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert on_kernel_device(x) and _peers.triton_interpreting()
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert not on_kernel_device(x)
+    inp = make_ssd_inputs(1, 8, 2, 4, 1, 4, dtype=torch.float32)
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match="needs CUDA tensors"):
+            ssd(**inp, backend="cuda")
