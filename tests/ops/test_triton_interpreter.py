@@ -9,7 +9,10 @@ variable must be set before mamba_ssm / fla are imported) this runs the CUDA tes
   ``cu_seqlens`` layout) and ``backend="auto"``;
 * ``tests/gpu/test_model_cuda.py``: the whole sleeping model (a prelude, Mamba-2, GDN and attention
   blocks, 2 passes, states carried across windows) through the kernels against the torch path:
-  logits, states and every parameter's gradient.
+  logits, states and every parameter's gradient;
+* ``tests/inference/test_cuda.py``: the inference engine's wake steps through the decode kernels
+  (``selective_state_update``, fla's fused recurrent rule) and its sleeps through the chunk kernels
+  match the chunked forward's logits.
 
 So the wrappers in ``megasleep/ops/*/cuda.py`` (argument layouts, reset encodings, dtypes, state
 hand-off) are checked on every CPU run. Not covered here: bf16 (the interpreter gets ``tl.dot`` on bf16
@@ -40,6 +43,7 @@ MUST_PASS = {
     "test_gdn_step_cuda_vs_torch": 2,
     "test_auto_backend_degrades_per_kernel": 1,
     "test_model_cuda_kernels_match_torch_path": 1,
+    "test_cuda_engine_matches_chunked_forward_and_uses_step_kernels": 1,
 }
 # the only skips allowed, by reason: the compiled conv kernels, and a fallback fla needs only on Hopper
 MAY_SKIP = {
@@ -60,7 +64,7 @@ def _missing() -> str | None:
 def test_gpu_kernel_tests_pass_under_the_triton_interpreter(tmp_path):
     report = tmp_path / "junit.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", f"--junitxml={report}",
-           "tests/gpu/test_ops_cuda.py", "tests/gpu/test_model_cuda.py"]
+           "tests/gpu/test_ops_cuda.py", "tests/gpu/test_model_cuda.py", "tests/inference/test_cuda.py"]
     r = subprocess.run(cmd, cwd=ROOT, env=env(TRITON_INTERPRET="1", PYTHONPATH=pythonpath()),
                        capture_output=True, text=True, timeout=900)
     out = (r.stdout + r.stderr)[-6000:]
