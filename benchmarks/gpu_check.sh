@@ -20,9 +20,11 @@ fi
 OUTFILE=${1:-benchmarks/gpu-check-$(date +%F).md}
 shift || true
 echo "== CUDA parity tests (tests/gpu) =="
-# + train.precision=bf16 through DeepSpeed on CUDA (dtypes after engine init, fp32 masters, the loss curve)
+# + train.precision=bf16 through DeepSpeed on CUDA (dtypes after engine init, fp32 masters, the loss curve),
+# the inference engine's decode through the step kernels, and mamba_ssm's own GPU model vs ours
 timeout "${PYTEST_TIMEOUT:-240}" "$PY" -m pytest -q -ra -p no:cacheprovider tests/gpu \
-    tests/train/test_precision_train.py -k cuda 2>&1 | tee /tmp/gpu_tests.log
+    tests/train/test_precision_train.py tests/inference/test_cuda.py tests/checkpoint/test_mamba_ssm.py \
+    -k cuda 2>&1 | tee /tmp/gpu_tests.log
 test_rc=${PIPESTATUS[0]}
 echo "== benchmarks =="
 "$PY" benchmarks/gpu_check.py --out "$OUTFILE" "$@"

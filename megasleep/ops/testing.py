@@ -133,8 +133,9 @@ def enable_triton_interpreter() -> None:
     * ``with torch.cuda.device(t.device.index)`` around launches: a no-op for CPU tensors;
     * ``torch.cuda.get_device_properties(...).multi_processor_count`` (grid sizes of mamba_ssm's
       backward): a stand-in with 4 "SMs" where CUDA is absent (any count gives the same result);
-    * autotuning: the interpreter has no benchmark driver, so each autotuner keeps its first config
-      (the kernels are correct for every config; only speed differs);
+    * autotuning: the interpreter has no benchmark driver, so each autotuner keeps one of its own
+      configs, the one with the largest blocks (fewest program instances, which is what the
+      interpreter's time grows with; the kernels are correct for every config, only speed differs);
     * loop induction variables: compiled Triton makes ``i`` in ``for i in range(n)`` a tensor (fla
       calls ``i.to(tl.int64)``); Triton's interpreter leaves a Python int, so its source rewriter also
       converts the loop variable, as it already converts every assigned value.
@@ -167,11 +168,17 @@ def enable_triton_interpreter() -> None:
 
     tuned_run = autotuner.Autotuner.run
 
-    def first_config_run(self, *args, **kwargs):
-        self.configs = self.configs[:1]
+    def blocks(config) -> int:
+        size = 1
+        for v in config.kwargs.values():
+            size *= v if isinstance(v, int) and v > 1 else 1
+        return size
+
+    def one_config_run(self, *args, **kwargs):
+        self.configs = [max(self.configs, key=blocks)]
         return tuned_run(self, *args, **kwargs)
 
-    autotuner.Autotuner.run = first_config_run
+    autotuner.Autotuner.run = one_config_run
 
     class _LoopVariablesAsTensors(interpreter.ASTTransformer):
         def visit_For(self, node):
