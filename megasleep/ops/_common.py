@@ -154,8 +154,8 @@ def apply_reset_to_logdecay(logdecay: torch.Tensor, reset: torch.Tensor | None, 
 
 
 def on_kernel_device(x: torch.Tensor) -> bool:
-    """Whether ``x`` can go to the CUDA / Triton kernels: a CUDA tensor, or a CPU tensor while
-    Triton's interpreter is on (``TRITON_INTERPRET=1``; the compiled-only kernels' getters still
+    """Whether ``x`` can go to the CUDA / Triton kernels: a CUDA tensor, or a CPU tensor once Triton's
+    interpreter is set up (``_peers.triton_interpreting()``; the compiled-only kernels' getters still
     say they are missing, so those fall back or raise as without CUDA)."""
     if x.is_cuda:
         return True

@@ -16,7 +16,8 @@ anything ever calls into it.
 The Triton kernels (mamba_ssm's SSD and decode kernels, fla's gated delta rule) also run without a
 GPU under Triton's interpreter (``TRITON_INTERPRET=1``, set before mamba_ssm / fla are imported):
 they then take CPU tensors and execute in numpy, slowly, which is how the CPU test suite checks the
-kernel path and its wrappers (``megasleep.ops.testing.enable_triton_interpreter``). The compiled
+kernel path and its wrappers (``megasleep.ops.testing.enable_triton_interpreter``, which sets
+``triton_interpreting()``). The compiled
 ``causal_conv1d`` kernels have no such mode.
 """
 
@@ -69,10 +70,20 @@ def _cuda_ok() -> bool:
     return torch.cuda.is_available()
 
 
-def triton_interpreting() -> bool:
-    """Whether Triton's interpreter is on (``TRITON_INTERPRET``, read as Triton reads it): Triton
-    kernels then run on CPU tensors. An environment lookup, cheap enough for every dispatch."""
+def triton_interpret_env() -> bool:
+    """Whether ``TRITON_INTERPRET`` asks Triton for its interpreter (read as Triton reads it)."""
     return os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on", "yes")
+
+
+# set by megasleep.ops.testing.enable_triton_interpreter(), which patches the peers' GPU-only host code
+_interpreter_ready = False
+
+
+def triton_interpreting() -> bool:
+    """Whether CPU tensors go to the Triton kernels, under Triton's interpreter: only once
+    ``megasleep.ops.testing.enable_triton_interpreter()`` has run (with ``TRITON_INTERPRET=1``); the
+    variable alone does not send them (the peers' host code would fail on CPU tensors)."""
+    return _interpreter_ready
 
 
 def _prepare_mamba() -> str | None:
@@ -143,7 +154,8 @@ def _need_cuda() -> str | None:
 def _need_triton_device() -> str | None:
     """Why a Triton kernel cannot run here (neither CUDA nor Triton's interpreter), or None."""
     if not _cuda_ok() and not triton_interpreting():
-        return "CUDA is not available (torch.cuda.is_available() is False) and Triton's interpreter is off (TRITON_INTERPRET)"
+        return ("CUDA is not available (torch.cuda.is_available() is False) and Triton's interpreter is not "
+                "set up (TRITON_INTERPRET=1 and megasleep.ops.testing.enable_triton_interpreter())")
     return None
 
 

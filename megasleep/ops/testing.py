@@ -119,8 +119,6 @@ def assert_all_close(ref, test, *, atol, rtol, what=""):
 
 
 # ------------------------------------------------------------------ Triton kernels without a GPU
-_interpreter_enabled = False
-
 
 def enable_triton_interpreter() -> None:
     """Let mamba_ssm's and fla's Triton kernels run on CPU tensors under Triton's interpreter.
@@ -140,12 +138,11 @@ def enable_triton_interpreter() -> None:
       calls ``i.to(tl.int64)``); Triton's interpreter leaves a Python int, so its source rewriter also
       converts the loop variable, as it already converts every assigned value.
     """
-    global _interpreter_enabled
     from . import _peers
 
-    if not _peers.triton_interpreting():
+    if not _peers.triton_interpret_env():
         raise RuntimeError("enable_triton_interpreter: set TRITON_INTERPRET=1 before importing mamba_ssm / fla")
-    if _interpreter_enabled:
+    if _peers._interpreter_ready:
         return
     import ast
     import contextlib
@@ -194,7 +191,7 @@ def enable_triton_interpreter() -> None:
             return node
 
     interpreter.FunctionRewriter.ast_transformer = _LoopVariablesAsTensors()
-    _interpreter_enabled = True
+    _peers._interpreter_ready = True  # from now on CPU tensors go to the Triton kernels
 
 
 def kernel_test_device() -> str:
@@ -204,7 +201,7 @@ def kernel_test_device() -> str:
 
     from . import _peers
 
-    if _peers.triton_interpreting():
+    if _peers.triton_interpret_env():
         enable_triton_interpreter()
         return "cpu"
     if not torch.cuda.is_available():

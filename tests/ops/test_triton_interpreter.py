@@ -86,20 +86,26 @@ def test_gpu_kernel_tests_pass_under_the_triton_interpreter(tmp_path):
 
 
 def test_kernel_path_needs_cuda_or_the_interpreter(monkeypatch):
-    """Outside the interpreter a CPU tensor never reaches the kernels: "auto" stays on torch and
+    """A CPU tensor reaches the kernels only once the interpreter is set up, not on TRITON_INTERPRET
+    alone (the peers' host code fails on CPU tensors without the harness): "auto" stays on torch and
     "cuda" says what is missing."""
     from megasleep.ops import _peers, ssd
     from megasleep.ops._common import on_kernel_device
-    from megasleep.ops.testing import make_ssd_inputs
+    from megasleep.ops.testing import enable_triton_interpreter, make_ssd_inputs
 
-    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     x = torch.zeros(2, 3)
-    assert not on_kernel_device(x)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    assert on_kernel_device(x) and _peers.triton_interpreting()
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not on_kernel_device(x)
+    assert _peers.triton_interpret_env() and not _peers.triton_interpreting() and not on_kernel_device(x)
     inp = make_ssd_inputs(1, 8, 2, 4, 1, 4, dtype=torch.float32)
+    want = ssd(**inp, backend="torch")
+    got = ssd(**inp, backend="auto")
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     if not torch.cuda.is_available():
         with pytest.raises(RuntimeError, match="needs CUDA tensors"):
             ssd(**inp, backend="cuda")
+    monkeypatch.setattr(_peers, "_interpreter_ready", True)  # what enable_triton_interpreter() sets
+    assert on_kernel_device(x)
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(_peers, "_interpreter_ready", False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1 before importing"):
+        enable_triton_interpreter()
