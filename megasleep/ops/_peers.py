@@ -17,8 +17,7 @@ The Triton kernels (mamba_ssm's SSD and decode kernels, fla's gated delta rule) 
 GPU under Triton's interpreter (``TRITON_INTERPRET=1``, set before mamba_ssm / fla are imported):
 they then take CPU tensors and execute in numpy, slowly, which is how the CPU test suite checks the
 kernel path and its wrappers (``megasleep.ops.testing.enable_triton_interpreter``, which sets
-``triton_interpreting()``). The compiled
-``causal_conv1d`` kernels have no such mode.
+``triton_interpreting()``). The compiled ``causal_conv1d`` kernels have no such mode.
 """
 
 from __future__ import annotations

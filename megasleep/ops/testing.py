@@ -129,8 +129,9 @@ def enable_triton_interpreter() -> None:
     for the whole process (a test harness, never used by training):
 
     * ``with torch.cuda.device(t.device.index)`` around launches: a no-op for CPU tensors;
-    * ``torch.cuda.get_device_properties(...).multi_processor_count`` (grid sizes of mamba_ssm's
-      backward): a stand-in with 4 "SMs" where CUDA is absent (any count gives the same result);
+    * ``torch.cuda.get_device_properties(...).multi_processor_count``, which sets how mamba_ssm's
+      backward splits its reductions over heads: where CUDA is absent, a stand-in with the 132 SMs of
+      an H100 / H200 (SXM), so the reductions are split as on those GPUs;
     * autotuning: the interpreter has no benchmark driver, so each autotuner keeps one of its own
       configs, the one with the largest blocks (fewest program instances, which is what the
       interpreter's time grows with; the kernels are correct for every config, only speed differs);
@@ -160,7 +161,7 @@ def enable_triton_interpreter() -> None:
     torch.cuda.device = device
     if not torch.cuda.is_available():
         torch.cuda.get_device_properties = lambda device=None: types.SimpleNamespace(
-            name="Triton interpreter (CPU)", multi_processor_count=4, major=0, minor=0
+            name="Triton interpreter (CPU)", multi_processor_count=132, major=0, minor=0
         )
 
     tuned_run = autotuner.Autotuner.run
