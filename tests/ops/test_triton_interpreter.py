@@ -12,7 +12,10 @@ variable must be set before mamba_ssm / fla are imported) this runs the CUDA tes
   logits, states and every parameter's gradient;
 * ``tests/inference/test_cuda.py``: the inference engine's wake steps through the decode kernels
   (``selective_state_update``, fla's fused recurrent rule) and its sleeps through the chunk kernels
-  match the chunked forward's logits.
+  match the chunked forward's logits;
+* ``tests/checkpoint/test_mamba_ssm.py::test_logits_agree_on_cuda``: mamba_ssm's own model with its
+  own Triton kernels (SSD scan, gated RMSNorm, fused add+norm) and megasleep's import of its
+  checkpoint through megasleep's kernel path give the same logits.
 
 So the wrappers in ``megasleep/ops/*/cuda.py`` (argument layouts, reset encodings, dtypes, state
 hand-off) are checked on every CPU run. Not covered here: bf16 (the interpreter gets ``tl.dot`` on bf16
@@ -44,6 +47,7 @@ MUST_PASS = {
     "test_auto_backend_degrades_per_kernel": 1,
     "test_model_cuda_kernels_match_torch_path": 1,
     "test_cuda_engine_matches_chunked_forward_and_uses_step_kernels": 1,
+    "test_logits_agree_on_cuda": 1,
 }
 # the only skips allowed, by reason: the compiled conv kernels, and a fallback fla needs only on Hopper
 MAY_SKIP = {
@@ -64,7 +68,8 @@ def _missing() -> str | None:
 def test_gpu_kernel_tests_pass_under_the_triton_interpreter(tmp_path):
     report = tmp_path / "junit.xml"
     cmd = [sys.executable, "-m", "pytest", "-q", "-ra", "-p", "no:cacheprovider", f"--junitxml={report}",
-           "tests/gpu/test_ops_cuda.py", "tests/gpu/test_model_cuda.py", "tests/inference/test_cuda.py"]
+           "tests/gpu/test_ops_cuda.py", "tests/gpu/test_model_cuda.py", "tests/inference/test_cuda.py",
+           "tests/checkpoint/test_mamba_ssm.py::test_logits_agree_on_cuda"]
     r = subprocess.run(cmd, cwd=ROOT, env=env(TRITON_INTERPRET="1", PYTHONPATH=pythonpath()),
                        capture_output=True, text=True, timeout=900)
     out = (r.stdout + r.stderr)[-6000:]
