@@ -142,7 +142,8 @@ def enable_triton_interpreter() -> None:
     from . import _peers
 
     if not _peers.triton_interpret_env():
-        raise RuntimeError("enable_triton_interpreter: set TRITON_INTERPRET=1 before importing mamba_ssm / fla")
+        raise RuntimeError("enable_triton_interpreter: set TRITON_INTERPRET=1 before importing "
+                           "mamba_ssm / fla")
     if _peers._interpreter_ready:
         return
     import ast
@@ -185,9 +186,9 @@ def enable_triton_interpreter() -> None:
                 name = node.target.id
                 to_tensor = ast.Attribute(value=ast.Name(id="interpreter_semantic", ctx=ast.Load()),
                                           attr="to_tensor", ctx=ast.Load())
-                convert = ast.Assign(targets=[ast.Name(id=name, ctx=ast.Store())],
-                                     value=ast.Call(func=to_tensor, args=[ast.Name(id=name, ctx=ast.Load()),
-                                                                          ast.Constant(value=False)], keywords=[]))
+                args = [ast.Name(id=name, ctx=ast.Load()), ast.Constant(value=False)]
+                value = ast.Call(func=to_tensor, args=args, keywords=[])
+                convert = ast.Assign(targets=[ast.Name(id=name, ctx=ast.Store())], value=value)
                 node.body.insert(0, ast.copy_location(convert, node))
             return node
 

@@ -151,7 +151,7 @@ def test_mamba_ssm_checkpoint_imports_every_tensor_and_matches_logits(mamba_ssm,
 
 
 @pytest.mark.gpu
-# under Triton's interpreter (CPU, ~16 s a model): the pure Mamba-2 layout, with 2 groups and the fused add+norm
+# under Triton's interpreter (CPU, ~16 s a model): the pure Mamba-2 layout (2 groups, the fused add+norm)
 @pytest.mark.parametrize("kind", ["mamba2"] if triton_interpret_env() else sorted(CONFIGS))
 def test_logits_agree_on_cuda(mamba_ssm, monkeypatch, tmp_path, kind):
     """mamba_ssm's own GPU forward (Triton SSD scan and RMSNorm kernels; the fused conv path when the

@@ -29,7 +29,9 @@ TOKENS = 48 if INTERPRETED else 100
 # Mamba-2 with 4 heads of 32 instead of 16 of 8: the interpreter's time grows with the program count
 MODEL_KW = dict(mamba2=dict(d_state=8, headdim=32, expand=2, chunk_size=8)) if INTERPRETED else {}
 CASES = [("MAGMA", 2, "sliding")] if INTERPRETED else [
-    (pattern, passes, eviction) for pattern in ("AGMA", "MAGMA") for passes, eviction in ((1, "hard"), (3, "hard"), (2, "sliding"))
+    (pattern, passes, eviction)
+    for pattern in ("AGMA", "MAGMA")
+    for passes, eviction in ((1, "hard"), (3, "hard"), (2, "sliding"))
 ]
 
 
@@ -59,7 +61,9 @@ def _count_scan_calls(monkeypatch):
 
         return counted
 
-    for mod, name in ((ssd_kernel, "ssd_cuda"), (gdn_kernel, "gdn_cuda"), (ssd, "ssd_chunk"), (gated_delta, "gdn_chunk")):
+    scans = ((ssd_kernel, "ssd_cuda"), (gdn_kernel, "gdn_cuda"),  # the kernels
+             (ssd, "ssd_chunk"), (gated_delta, "gdn_chunk"))  # the torch path
+    for mod, name in scans:
         monkeypatch.setattr(mod, name, counting(name, getattr(mod, name)))
     return calls
 
