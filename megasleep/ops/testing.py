@@ -135,6 +135,10 @@ def enable_triton_interpreter() -> None:
     * autotuning: the interpreter has no benchmark driver, so each autotuner keeps one of its own
       configs, the one with the largest blocks (fewest program instances, which is what the
       interpreter's time grows with; the kernels are correct for every config, only speed differs);
+    * bf16 arithmetic: the interpreter keeps bf16 as its raw 16 bits (numpy has no bf16) and then
+      computes on those bits as integers (``tl.dot``, elementwise ops, ``tl.sum`` / ``max`` / ``min``
+      / ``cumsum`` / ``cumprod``; a 16 x 16 bf16 ``tl.dot`` was off by ~3e10). Here they compute in fp32
+      on the exact widened values and round results back to bf16 (to nearest even), as a GPU does;
     * loop induction variables: compiled Triton makes ``i`` in ``for i in range(n)`` a tensor (fla
       calls ``i.to(tl.int64)``); Triton's interpreter leaves a Python int, so its source rewriter also
       converts the loop variable, as it already converts every assigned value.
@@ -150,6 +154,8 @@ def enable_triton_interpreter() -> None:
     import contextlib
     import types
 
+    import numpy as np
+    import triton.language as tl
     from triton.runtime import autotuner, interpreter
 
     cuda_device = torch.cuda.device
@@ -178,6 +184,72 @@ def enable_triton_interpreter() -> None:
         return tuned_run(self, *args, **kwargs)
 
     autotuner.Autotuner.run = one_config_run
+
+    builder = interpreter.InterpreterBuilder
+    dot, binary, unary = builder.create_dot, builder.binary_op, builder.unary_op
+
+    def wide(bits):  # bf16 bits -> fp32 values (exact)
+        return (np.asarray(bits).astype(np.uint32) << 16).view(np.float32)
+
+    def narrow(values):  # fp32 values -> bf16 bits, rounded to nearest even (finite values)
+        u = np.asarray(values, dtype=np.float32).view(np.uint32)
+        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+    def widened(h):
+        return interpreter.TensorHandle(wide(h.data), tl.float32) if h.dtype.scalar == tl.bfloat16 else h
+
+    def narrowed(h):
+        return interpreter.TensorHandle(narrow(h.data), tl.bfloat16) if h.dtype.scalar == tl.float32 else h
+
+    def create_dot(self, a, b, d, *args):
+        return dot(self, widened(a), widened(b), d, *args)
+
+    def binary_op(self, lhs, rhs, op):
+        if tl.bfloat16 not in (lhs.dtype.scalar, rhs.dtype.scalar):
+            return binary(self, lhs, rhs, op)
+        out = op(widened(lhs).data, widened(rhs).data)
+        if out.dtype == np.bool_:
+            return interpreter.TensorHandle(out, tl.int1)
+        return narrowed(interpreter.TensorHandle(out.astype(np.float32), tl.float32))
+
+    def unary_op(self, arg, op):
+        if arg.dtype.scalar != tl.bfloat16:
+            return unary(self, arg, op)
+        return narrowed(unary(self, widened(arg), op))
+
+    builder.create_dot, builder.binary_op, builder.unary_op = create_dot, binary_op, unary_op
+
+    # the fast paths of tl.sum / tl.max / tl.min / tl.cumsum / tl.cumprod run numpy on the raw bits too
+    reduce_ops, scan_ops = interpreter.ReduceOps, interpreter.ScanOps
+    reduce_sum, reduce_min_max = reduce_ops.sum, reduce_ops.min_max
+    scan_sum, scan_prod = scan_ops.cumsum, scan_ops.cumprod
+
+    def bf16_sum(self, input):
+        if input.dtype != tl.bfloat16:
+            return reduce_sum(self, input)
+        out = np.sum(wide(input.handle.data), axis=self.axis, keepdims=self.keep_dims)
+        return self.to_tensor(narrow(out), tl.bfloat16)
+
+    def bf16_min_max(self, input, val_reduce_op, idx_reduce_op=None):
+        x = input[0] if isinstance(input, tuple) else input
+        if x.dtype != tl.bfloat16:
+            return reduce_min_max(self, input, val_reduce_op, idx_reduce_op)
+        data = wide(x.handle.data)
+        val = self.to_tensor(narrow(val_reduce_op(data, axis=self.axis, keepdims=self.keep_dims)), tl.bfloat16)
+        if idx_reduce_op is None:
+            return val
+        return val, self.to_tensor(idx_reduce_op(data, axis=self.axis, keepdims=self.keep_dims), tl.int32)
+
+    def bf16_scan(np_scan, fallback):
+        def scan(self, input):
+            if input.dtype != tl.bfloat16:
+                return fallback(self, input)
+            return [self.to_tensor(narrow(np_scan(wide(input.handle.data), axis=self.axis)), tl.bfloat16)]
+
+        return scan
+
+    reduce_ops.sum, reduce_ops.min_max = bf16_sum, bf16_min_max
+    scan_ops.cumsum, scan_ops.cumprod = bf16_scan(np.cumsum, scan_sum), bf16_scan(np.cumprod, scan_prod)
 
     class _LoopVariablesAsTensors(interpreter.ASTTransformer):
         def visit_For(self, node):

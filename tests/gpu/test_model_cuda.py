@@ -2,7 +2,7 @@
 
 Runs only where CUDA and the kernel packages are present; elsewhere the module is skipped with the
 reason. The op-level kernel parity tests are in test_ops_cuda.py. With ``TRITON_INTERPRET=1`` the
-model runs on CPU with mamba_ssm's and fla's Triton kernels under Triton's interpreter (fp32 only, a
+model runs on CPU with mamba_ssm's and fla's Triton kernels under Triton's interpreter (fp32, a
 shorter sequence; the compiled conv kernels are absent there, so ``"auto"`` is compared instead of
 ``"cuda"``); ``tests/ops/test_triton_interpreter.py`` runs this file that way.
 """
@@ -20,8 +20,8 @@ pytestmark = pytest.mark.gpu
 
 DEV = kernel_test_device()
 INTERPRETED = DEV == "cpu"
-# Under the interpreter (every kernel call takes seconds there): fp32 only (it gets bf16 tl.dot wrong,
-# see test_ops_cuda.py), two windows, and the one case that has everything: a prelude, feature
+# Under the interpreter (every kernel call takes seconds there): fp32 only (bf16 is checked kernel by
+# kernel in test_ops_cuda.py), two windows, and the one case that has everything: a prelude, feature
 # feedback over 2 passes, the SSM states carried across windows, sliding eviction.
 KERNELS = "auto" if INTERPRETED else "cuda"
 DTYPES = [(torch.float32, 2e-3)] + ([] if INTERPRETED else [(torch.bfloat16, 6e-2)])
