@@ -6,6 +6,8 @@ import warnings
 
 import torch
 
+from . import _peers
+
 BACKENDS = ("auto", "torch", "cuda")
 
 _warned: set[str] = set()
@@ -157,11 +159,7 @@ def on_kernel_device(x: torch.Tensor) -> bool:
     """Whether ``x`` can go to the CUDA / Triton kernels: a CUDA tensor, or a CPU tensor once Triton's
     interpreter is set up (``_peers.triton_interpreting()``; the compiled-only kernels' getters still
     say they are missing, so those fall back or raise as without CUDA)."""
-    if x.is_cuda:
-        return True
-    from . import _peers
-
-    return x.device.type == "cpu" and _peers.triton_interpreting()
+    return x.is_cuda or (_peers.triton_interpreting() and x.device.type == "cpu")
 
 
 def use_cuda(backend: str, x: torch.Tensor, getter, what: str) -> bool:

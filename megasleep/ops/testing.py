@@ -118,6 +118,27 @@ def assert_all_close(ref, test, *, atol, rtol, what=""):
         raise AssertionError(f"{what}: " + "; ".join(bad))
 
 
+def count_calls(monkeypatch, targets: dict[str, tuple[str, str]]) -> dict[str, int]:
+    """Count the calls of ``module.attribute`` for each ``{key: ("module", "attribute")}`` (patched
+    with pytest's ``monkeypatch``, so for the calling test only). Returns ``{key: calls}``, filled in as
+    they happen; keys never called are absent. How the CUDA tests prove which path really ran."""
+    import importlib
+
+    calls: dict[str, int] = {}
+
+    def counting(key, fn):
+        def counted(*args, **kwargs):
+            calls[key] = calls.get(key, 0) + 1
+            return fn(*args, **kwargs)
+
+        return counted
+
+    for key, (module, attr) in targets.items():
+        mod = importlib.import_module(module)
+        monkeypatch.setattr(mod, attr, counting(key, getattr(mod, attr)))
+    return calls
+
+
 # ------------------------------------------------------------------ Triton kernels without a GPU
 
 def enable_triton_interpreter() -> None:
@@ -208,9 +229,8 @@ def enable_triton_interpreter() -> None:
         if tl.bfloat16 not in (lhs.dtype.scalar, rhs.dtype.scalar):
             return binary(self, lhs, rhs, op)
         out = op(widened(lhs).data, widened(rhs).data)
-        if out.dtype == np.bool_:
-            return interpreter.TensorHandle(out, tl.int1)
-        return narrowed(interpreter.TensorHandle(out.astype(np.float32), tl.float32))
+        return interpreter.TensorHandle(out, tl.int1) if out.dtype == np.bool_ else \
+            interpreter.TensorHandle(narrow(out), tl.bfloat16)
 
     def unary_op(self, arg, op):
         if arg.dtype.scalar != tl.bfloat16:

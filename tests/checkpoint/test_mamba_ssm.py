@@ -158,6 +158,7 @@ def test_logits_agree_on_cuda(mamba_ssm, monkeypatch, tmp_path, kind):
     causal_conv1d extension is compiled) vs megasleep's HybridLM on CUDA (kernels='auto'). With
     ``TRITON_INTERPRET=1``, both on CPU with the Triton kernels under Triton's interpreter
     (``tests/ops/test_triton_interpreter.py`` runs it so)."""
+    from megasleep.ops import _peers
     from megasleep.ops.testing import kernel_test_device
 
     dev = kernel_test_device()
@@ -165,8 +166,6 @@ def test_logits_agree_on_cuda(mamba_ssm, monkeypatch, tmp_path, kind):
     src = _build(m, monkeypatch, **CONFIGS[kind])
     src.save_pretrained(str(tmp_path / "ckpt"))
     src = src.to(dev).eval()
-    from megasleep.ops import _peers
-
     if _peers.causal_conv1d_fn()[0] is None:  # no compiled causal_conv1d: mamba_ssm convolves with nn.Conv1d
         monkeypatch.setattr(m["m2"], "causal_conv1d_fn", None)  # (on CPU its import succeeds on a stand-in)
         monkeypatch.setattr(m["mha"], "causal_conv1d_fn", None)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megasleep.ops.testing import kernel_test_device
+from megasleep.ops.testing import count_calls, kernel_test_device
 from megasleep.sleep import SleepConfig, sleep_forward
 from tests.conftest import tiny_model
 
@@ -43,29 +43,13 @@ def _kernels_or_skip():
         pytest.skip("; ".join(missing))
 
 
-def _count_scan_calls(monkeypatch):
-    """Count the calls of each SSM scan implementation the dispatchers can choose."""
-    import importlib
-
-    # the subpackages (megasleep.ops re-exports functions of the same names)
-    ssd, gated_delta = (importlib.import_module(f"megasleep.ops.{m}") for m in ("ssd", "gated_delta"))
-    from megasleep.ops.gated_delta import cuda as gdn_kernel
-    from megasleep.ops.ssd import cuda as ssd_kernel
-
-    calls = {}
-
-    def counting(key, fn):
-        def counted(*a, **k):
-            calls[key] = calls.get(key, 0) + 1
-            return fn(*a, **k)
-
-        return counted
-
-    scans = ((ssd_kernel, "ssd_cuda"), (gdn_kernel, "gdn_cuda"),  # the kernels
-             (ssd, "ssd_chunk"), (gated_delta, "gdn_chunk"))  # the torch path
-    for mod, name in scans:
-        monkeypatch.setattr(mod, name, counting(name, getattr(mod, name)))
-    return calls
+# every SSM scan implementation the dispatchers can choose: the kernels, and the torch path
+SCANS = {
+    "ssd_cuda": ("megasleep.ops.ssd.cuda", "ssd_cuda"),
+    "gdn_cuda": ("megasleep.ops.gated_delta.cuda", "gdn_cuda"),
+    "ssd_chunk": ("megasleep.ops.ssd", "ssd_chunk"),
+    "gdn_chunk": ("megasleep.ops.gated_delta", "gdn_chunk"),
+}
 
 
 def run(model, ids, backend, passes, eviction, dtype):
@@ -82,7 +66,7 @@ def run(model, ids, backend, passes, eviction, dtype):
 @pytest.mark.parametrize("pattern, passes, eviction", CASES)
 def test_model_cuda_kernels_match_torch_path(pattern, passes, eviction, dtype, tol, monkeypatch):
     _kernels_or_skip()
-    calls = _count_scan_calls(monkeypatch)
+    calls = count_calls(monkeypatch, SCANS)
     torch.manual_seed(0)
     model = tiny_model(pattern, dtype=torch.float32, d=64, vocab=97,
                        n_prelude=1 if len(pattern) > 4 else 0, n_coda=0, **MODEL_KW).to(DEV)

@@ -12,7 +12,7 @@ import torch
 
 from megasleep.inference import Session
 from megasleep.ops import _peers
-from megasleep.ops.testing import kernel_test_device
+from megasleep.ops.testing import count_calls, kernel_test_device
 from megasleep.sleep import SleepConfig, sleep_forward
 from tests.conftest import tiny_config
 
@@ -45,19 +45,8 @@ def cuda_model(pattern, n_prelude, n_coda, seed=0):
 @pytest.mark.parametrize("eviction", EVICTIONS)
 @pytest.mark.parametrize("spec", SPECS)
 def test_cuda_engine_matches_chunked_forward_and_uses_step_kernels(monkeypatch, spec, eviction):
-    import importlib
-
-    calls = {}
-    for name, (mod, attr, getter) in STEP_KERNELS.items():
-        if getter()[0] is None:
-            continue
-        m = importlib.import_module(mod)
-        fn = getattr(m, attr)
-
-        def wrapped(*a, _fn=fn, _name=name, **k):
-            calls[_name] = calls.get(_name, 0) + 1
-            return _fn(*a, **k)
-        monkeypatch.setattr(m, attr, wrapped)
+    calls = count_calls(monkeypatch, {name: (mod, attr) for name, (mod, attr, getter) in STEP_KERNELS.items()
+                                      if getter()[0] is not None})
     model = cuda_model(*spec)
     ids = torch.randint(0, model.config.vocab_size, (2, T), device=DEV)
     cfg = SleepConfig(window=L, passes=N, eviction=eviction)
